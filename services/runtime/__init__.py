@@ -1,0 +1,1 @@
+"""What every service shares: settings, errors, jobs, checkpoints, datasets, models, server."""
