@@ -1,0 +1,414 @@
+"""Batches for the trainers: deterministic, resumable, bucketed and data-parallel.
+
+Every rank computes the same global batch (same seed, same epoch permutation) and keeps its
+contiguous slice, so a data-parallel run sees exactly the batches of a one-process run. The
+padded length is the smallest bucket (32, 64, 128, ... up to ``max_seq_length``) that holds the
+longest sequence of the *global* batch, so all ranks agree on shapes and a compiled step sees
+only a handful of them.
+
+Layout of one batch (``L`` = bucket, ``b`` = ``batch_size // world_size``)::
+
+    inputs    int32   [b, L]   tokens[:L], padded with pad_id
+    targets   int32   [b, L]   tokens[1:L+1] (inputs shifted by one)
+    loss_mask float32 [b, L]   1 where targets[i, t] counts: a real token, not a masked prompt
+    lengths   int32   [b]      real tokens per row (all of them fit in ``inputs``)
+    ntokens        python int  sum(loss_mask) of this rank's slice
+    global_ntokens python int  the same over the whole global batch (normalise by this for
+                               a loss identical to the one-process run)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from services.runtime.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """One training sequence. The loss covers tokens[prompt_len:] (never token 0)."""
+
+    tokens: list[int]
+    prompt_len: int = 0
+    truncated: bool = False
+
+    @property
+    def ntargets(self) -> int:
+        return max(0, len(self.tokens) - max(self.prompt_len, 1))
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    chosen: Tokenized
+    rejected: Tokenized
+    margin: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class PromptItem:
+    """A rollout prompt: its tokens (generation prompt included) and the raw row."""
+
+    tokens: list[int]
+    prompt: str | list[dict[str, Any]]
+    row: dict[str, Any]
+    truncated: bool = False
+
+
+def buckets(max_seq_length: int) -> tuple[int, ...]:
+    """32, 64, 128, ... below max_seq_length, then max_seq_length itself."""
+    out: list[int] = []
+    b = 32
+    while b < max_seq_length:
+        out.append(b)
+        b *= 2
+    out.append(max_seq_length)
+    return tuple(out)
+
+
+def bucket_for(length: int, max_seq_length: int) -> int:
+    for b in buckets(max_seq_length):
+        if b >= length:
+            return b
+    return max_seq_length
+
+
+class _Schedule:
+    """Which item indices form global batch ``index`` of epoch ``epoch``.
+
+    Shuffling permutes with an RNG seeded by (seed, epoch) alone, so any position can be
+    recomputed from scratch: that is what makes resume exact. Training epochs drop the
+    remainder (a different one each epoch); a validation pass keeps it, padded with -1
+    (an empty row) so every batch has the same number of rows.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool,
+        rank: int,
+        world_size: int,
+        sort_chunk: int,
+        field: str,
+    ) -> None:
+        n = len(lengths)
+        if batch_size < 1:
+            raise InvalidArgument.one(field, f"must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad rank {rank} for world_size {world_size}")
+        if batch_size % world_size:
+            raise InvalidArgument.one(
+                field,
+                f"batch_size {batch_size} must be divisible by the number of processes "
+                f"({world_size})",
+            )
+        if shuffle and n < batch_size:
+            raise InvalidArgument.one(
+                field, f"batch_size {batch_size} is larger than the dataset ({n} rows)"
+            )
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.sort_chunk = max(0, sort_chunk)
+        self.local = batch_size // world_size
+        self.lo = rank * self.local
+        self.steps_per_epoch = n // batch_size if shuffle else -(-n // batch_size)
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def order(self, epoch: int) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        n, bs = len(self.lengths), self.batch_size
+        if self.shuffle:
+            # SeedSequence wants non-negative entropy; proto seeds are int64.
+            rng = np.random.default_rng([self.seed % 2**64, epoch])
+            idx = rng.permutation(n)[: self.steps_per_epoch * bs].tolist()
+        else:
+            rng = None
+            idx = list(range(n))
+        chunk = self.sort_chunk * bs or len(idx)
+        out: list[list[int]] = []
+        for c in range(0, len(idx), chunk):
+            part = idx[c : c + chunk]
+            if self.sort_chunk:
+                # Neighbours of similar length share a bucket: less padding.
+                part = sorted(part, key=lambda i: self.lengths[i])
+            group = [part[i : i + bs] for i in range(0, len(part), bs)]
+            if rng is not None and self.sort_chunk:
+                group = [group[i] for i in rng.permutation(len(group))]
+            out.extend(group)
+        if out and len(out[-1]) < bs:
+            out[-1] = out[-1] + [-1] * (bs - len(out[-1]))
+        self._cache = (epoch, out)
+        return out
+
+    def local_slice(self, global_idx: list[int]) -> list[int]:
+        return global_idx[self.lo : self.lo + self.local]
+
+
+class _Resumable:
+    """Position keeping shared by every batch kind: state(), restore(), epoch, iteration."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool,
+        rank: int,
+        world_size: int,
+        sort_chunk: int,
+        limit: int | None,
+        field: str,
+    ) -> None:
+        self._sched = _Schedule(
+            lengths,
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            sort_chunk=sort_chunk,
+            field=field,
+        )
+        self.shuffle = shuffle
+        self.limit = limit
+        self.batch_size = batch_size
+        self._epoch = 0
+        self._index = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._sched.steps_per_epoch
+
+    @property
+    def epoch(self) -> float:
+        """Progress in epochs, e.g. 1.25 = a quarter into the second epoch."""
+        return self._epoch + self._index / max(1, self.steps_per_epoch)
+
+    def __len__(self) -> int:
+        """Batches in one epoch (one validation pass, after ``limit``)."""
+        n = self.steps_per_epoch
+        return n if self.limit is None or self.limit < 0 else min(n, self.limit)
+
+    def state(self) -> dict[str, int]:
+        """Position of the *next* batch: pass to restore() to continue with it."""
+        return {"epoch": self._epoch, "index": self._index}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
+            raise ValueError(f"batch state {state} out of range ({self.steps_per_epoch}/epoch)")
+        if index == self.steps_per_epoch:
+            epoch, index = epoch + 1, 0
+        self._epoch, self._index = epoch, index
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if not self.shuffle:
+            # A validation pass: always from the start, once.
+            for k, idx in enumerate(self._sched.order(0)):
+                if k >= len(self):
+                    return
+                yield self._collate(idx)
+            return
+        while True:
+            # Read the position afresh each step, so restore() applies mid-iteration too.
+            idx = self._sched.order(self._epoch)[self._index]
+            self._index += 1
+            if self._index >= self.steps_per_epoch:
+                self._epoch, self._index = self._epoch + 1, 0
+            yield self._collate(idx)
+
+    def _collate(self, global_idx: list[int]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _pack(
+    seqs: list[Tokenized | None], length: int, pad_id: int, max_seq_length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Padded token matrix [n, length + 1], loss mask [n, length], real lengths [n]."""
+    toks = np.full((len(seqs), length + 1), pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), np.float32)
+    lengths = np.zeros((len(seqs),), np.int32)
+    for r, item in enumerate(seqs):
+        if item is None:
+            continue
+        t = item.tokens[:max_seq_length]
+        toks[r, : len(t)] = t
+        # Target t is token t + 1: it counts from the first completion token to the last.
+        mask[r, max(item.prompt_len, 1) - 1 : len(t) - 1] = 1.0
+        lengths[r] = len(t)
+    return toks, mask, lengths
+
+
+def _targets(item: Tokenized | None, max_seq_length: int) -> int:
+    if item is None:
+        return 0
+    return max(0, min(len(item.tokens), max_seq_length) - max(item.prompt_len, 1))
+
+
+def _arrays(toks: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> dict[str, Any]:
+    return {
+        "inputs": mx.array(toks[:, :-1]),
+        "targets": mx.array(toks[:, 1:]),
+        "loss_mask": mx.array(mask),
+        "lengths": mx.array(lengths),
+        "ntokens": int(mask.sum()),
+    }
+
+
+class Batches(_Resumable):
+    """Language-model batches over Tokenized items (see the module docstring for the layout).
+
+    shuffle=True: endless, reshuffled each epoch, resumable with state()/restore().
+    shuffle=False: one pass in dataset order (validation), at most ``limit`` batches; the
+    last batch is filled up with empty rows (loss_mask 0) to keep the shape.
+    sort_chunk=k: sort each run of k batches by length before batching (less padding).
+    """
+
+    def __init__(
+        self,
+        items: list[Tokenized],
+        batch_size: int,
+        *,
+        pad_id: int,
+        max_seq_length: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        sort_chunk: int = 0,
+        limit: int | None = None,
+        field: str = "spec.loop.batch_size",
+    ) -> None:
+        super().__init__(
+            [len(t.tokens) for t in items],
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            sort_chunk=sort_chunk,
+            limit=limit,
+            field=field,
+        )
+        self.items = items
+        self.pad_id = pad_id
+        self.max_seq_length = max_seq_length
+
+    def _collate(self, global_idx: list[int]) -> dict[str, Any]:
+        msl = self.max_seq_length
+        every = [self.items[i] if i >= 0 else None for i in global_idx]
+        longest = max((len(t.tokens) for t in every if t is not None), default=1)
+        length = bucket_for(min(longest, msl), msl)
+        mine = [self.items[i] if i >= 0 else None for i in self._sched.local_slice(global_idx)]
+        batch = _arrays(*_pack(mine, length, self.pad_id, msl))
+        batch["global_ntokens"] = sum(_targets(t, msl) for t in every)
+        return batch
+
+
+class PreferenceBatches(_Resumable):
+    """DPO / reward-model batches: chosen and rejected of the same pairs, stacked.
+
+    inputs / targets / loss_mask are [2b, L]: rows [0:b] chosen, rows [b:2b] the rejected
+    answers of the same pairs; lengths [2b]; "margin" float32 [b] when the dataset has
+    margins (rows without one get 0). ntokens / global_ntokens count both halves.
+    """
+
+    def __init__(
+        self,
+        pairs: list[PreferencePair],
+        batch_size: int,
+        *,
+        pad_id: int,
+        max_seq_length: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        sort_chunk: int = 0,
+        limit: int | None = None,
+        field: str = "spec.loop.batch_size",
+    ) -> None:
+        super().__init__(
+            [max(len(p.chosen.tokens), len(p.rejected.tokens)) for p in pairs],
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            sort_chunk=sort_chunk,
+            limit=limit,
+            field=field,
+        )
+        self.pairs = pairs
+        self.pad_id = pad_id
+        self.max_seq_length = max_seq_length
+        self.has_margin = any(p.margin is not None for p in pairs)
+
+    def _collate(self, global_idx: list[int]) -> dict[str, Any]:
+        msl = self.max_seq_length
+        every = [self.pairs[i] if i >= 0 else None for i in global_idx]
+        longest = max(
+            (max(len(p.chosen.tokens), len(p.rejected.tokens)) for p in every if p), default=1
+        )
+        length = bucket_for(min(longest, msl), msl)
+        mine = [self.pairs[i] if i >= 0 else None for i in self._sched.local_slice(global_idx)]
+        seqs = [p.chosen if p else None for p in mine] + [p.rejected if p else None for p in mine]
+        batch = _arrays(*_pack(seqs, length, self.pad_id, msl))
+        batch["global_ntokens"] = sum(
+            _targets(p.chosen, msl) + _targets(p.rejected, msl) for p in every if p
+        )
+        if self.has_margin:
+            margins = [float(p.margin or 0.0) if p else 0.0 for p in mine]
+            batch["margin"] = mx.array(np.asarray(margins, np.float32))
+        return batch
+
+
+class PromptBatches(_Resumable):
+    """Rollout prompts, unpadded: {"tokens": [[int]], "prompts": [raw], "rows": [dict]}.
+
+    In a validation pass (shuffle=False) the last batch may be short, or empty on a rank.
+    """
+
+    def __init__(
+        self,
+        items: list[PromptItem],
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        limit: int | None = None,
+        field: str = "spec.rollout.batch_size",
+    ) -> None:
+        super().__init__(
+            [len(p.tokens) for p in items],
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            sort_chunk=0,
+            limit=limit,
+            field=field,
+        )
+        self.items = items
+
+    def _collate(self, global_idx: list[int]) -> dict[str, Any]:
+        mine = [self.items[i] for i in self._sched.local_slice(global_idx) if i >= 0]
+        return {
+            "tokens": [list(p.tokens) for p in mine],
+            "prompts": [p.prompt for p in mine],
+            "rows": [p.row for p in mine],
+        }

@@ -1,0 +1,152 @@
+"""Shared fixtures: an isolated data dir, the tiny model, and real services on loopback.
+
+`import services` comes first: it loads OpenBLAS before anything imports mlx.core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import services  # noqa: F401  (loads OpenBLAS before anything imports mlx)
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_DATA = REPO / "examples" / "data" / "mlxu_faq"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer llama + locally trained tokenizer with a chat template (seconds)."""
+    from services.runtime.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    h = tmp_path / "mlxu-home"
+    h.mkdir()
+    monkeypatch.setenv("MLXU_HOME", str(h))
+    return h
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def settings_for(home: Path, tmp_path: Path):
+    """Settings factory for in-process servers: port 0, roots = home + tmp + the tiny model."""
+    from services.runtime.settings import Settings
+
+    def make(service: str, **kw: object) -> Settings:
+        roots = (home, tmp_path.resolve(), REPO)
+        extra = kw.pop("roots", ())
+        return Settings(
+            service=service,
+            home=home,
+            port=0,
+            allowed_roots=(*roots, *extra),  # type: ignore[misc]
+            **kw,  # type: ignore[arg-type]
+        )
+
+    return make
+
+
+class ServiceProcess:
+    """A service in its own process (for kill -9 tests)."""
+
+    def __init__(self, service: str, home: Path, port: int, env: dict[str, str]) -> None:
+        self.service, self.home, self.port, self.env = service, home, port, env
+        self.proc: subprocess.Popen | None = None
+        self.log = home / f"{service}-server.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServiceProcess:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        cmd = [sys.executable, "-m", "services.runtime.rpc.server", self.service]
+        cmd += ["--port", str(self.port), "--home", str(self.home)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)  # waiting for the server to come up, not faking work
+        raise RuntimeError(f"server not healthy in {timeout}s: {self.log.read_text()[-2000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def service_process(home: Path, tmp_path: Path):
+    """Factory for services in subprocesses; every process group is killed at teardown."""
+    started: list[ServiceProcess] = []
+    env = dict(os.environ)
+    env["MLXU_HOME"] = str(home)
+    env["MLXU_ALLOWED_ROOTS"] = os.pathsep.join([str(tmp_path.resolve()), str(REPO)])
+    env.pop("MLXU_API_KEYS", None)
+
+    def make(service: str, port: int | None = None) -> ServiceProcess:
+        sp = ServiceProcess(service, home, port or free_port(), env)
+        started.append(sp)
+        return sp
+
+    yield make
+    for sp in started:
+        if sp.proc and sp.proc.poll() is None:
+            os.killpg(sp.proc.pid, signal.SIGKILL)
+            sp.proc.wait()
+    _kill_workers(home)
+
+
+def _kill_workers(home: Path) -> None:
+    """Kill any job worker left running for this home (workers outlive a killed service)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"services.runtime.jobs.worker" in cmd and str(home).encode() in cmd:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(proc.name), signal.SIGKILL)
