@@ -1,0 +1,231 @@
+"""Progress rendering: the pure line renderers and the TTY / plain writers."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from clients import progress as p
+from mlx_unified.v1 import common_pb2 as c
+from mlx_unified.v1 import orchestrator_pb2 as o
+
+
+@pytest.fixture(autouse=True)
+def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # shutil.get_terminal_size reads it first
+
+
+def running_job() -> c.Job:
+    return c.Job(
+        job_id="job-0123456789abcdef",
+        kind="sft",
+        state=c.JOB_STATE_RUNNING,
+        step=120,
+        total_steps=1000,
+        eta_seconds=192,
+        metrics={
+            "loss": 1.23456,
+            "val_loss": 1.3,
+            "learning_rate": 1e-4,
+            "tokens_per_second": 2150,
+        },
+    )
+
+
+def ev(seq: int, **payload: object) -> c.JobEvent:
+    return c.JobEvent(job_id="job-0123456789abcdef", seq=seq, **payload)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "--"), (-1, "--"), (0, "0s"), (59.4, "59s"), (192, "3m12s"), (3725, "1h02m")],
+)
+def test_format_duration(seconds: float | None, text: str) -> None:
+    assert p.format_duration(seconds) == text
+
+
+def test_bar_and_rate() -> None:
+    assert p.bar(0.5, 10, ascii_only=True) == "#####-----"
+    assert p.bar(1.7, 4, ascii_only=True) == "####"  # clamped
+    assert p.bar(-1, 4, ascii_only=True) == "----"
+    assert p.bar(0.25, 4) == "█░░░"
+    assert p.format_rate(2150) == "2.1k tok/s"
+    assert p.format_rate(87.4) == "87 tok/s"
+
+
+def test_job_line_running() -> None:
+    line = p.job_line(running_job(), ascii_only=True)
+    assert line == (
+        "sft job-01234567  RUNNING    step 120/1000 ##------------------  12%  "
+        "loss 1.235  val 1.3  lr 1.00e-04  2.1k tok/s  ETA 3m12s"
+    )
+
+
+def test_job_line_truncates_to_width() -> None:
+    line = p.job_line(running_job(), width=40)
+    assert len(line) == 40 and line.endswith("…")
+
+
+def test_job_line_pending_and_unknown_total() -> None:
+    pending = c.Job(job_id="j1", kind="dpo", state=c.JOB_STATE_PENDING)
+    assert p.job_line(pending) == "dpo j1  PENDING    waiting for a worker"
+    export = c.Job(job_id="j2", kind="export", state=c.JOB_STATE_RUNNING, step=3)
+    assert p.job_line(export) == "export j2  RUNNING    step 3"
+
+
+def test_event_lines() -> None:
+    job = running_job()
+    prog = ev(
+        7, progress=c.Progress(step=130, total_steps=1000, eta_seconds=100, metrics={"loss": 1.1})
+    )
+    assert p.event_line(prog, job) == (
+        "step 130/1000  loss 1.1  val 1.3  lr 1.00e-04  2.1k tok/s  ETA 1m40s"
+    )
+    change = ev(8, state_change=c.StateChange(from_state=2, to_state=4, reason="worker OOM"))
+    assert p.event_line(change) == "state RUNNING -> FAILED: worker OOM"
+    cp = ev(9, checkpoint=c.Checkpoint(path="/ck/step_100", step=100))
+    assert p.event_line(cp) == "checkpoint step 100: /ck/step_100"
+    log = ev(10, log=c.LogMessage(level="warning", text="val set is tiny"))
+    assert p.event_line(log) == "[warning] val set is tiny"
+    assert p.event_line(ev(11)) is None
+
+
+def test_apply_event_updates_a_copy() -> None:
+    job = running_job()
+    out = p.apply_event(job, ev(3, progress=c.Progress(step=200, metrics={"loss": 0.9})))
+    assert (out.step, out.total_steps, out.metrics["loss"], out.metrics["val_loss"]) == (
+        200,
+        1000,
+        pytest.approx(0.9),
+        pytest.approx(1.3),
+    )
+    assert job.step == 120  # the input is untouched
+    failed = p.apply_event(out, ev(4, state_change=c.StateChange(to_state=4, reason="boom")))
+    assert (failed.state, failed.error) == (c.JOB_STATE_FAILED, "boom")
+
+
+def test_summary_success_and_failure() -> None:
+    job = running_job()
+    job.state, job.step = c.JOB_STATE_SUCCEEDED, 1000
+    job.start_time.FromSeconds(1000)
+    job.end_time.FromSeconds(1192)
+    job.result.CopyFrom(
+        c.Checkpoint(path="/ck/final", kind=c.CHECKPOINT_KIND_ADAPTER, base_model="tiny-llama")
+    )
+    lines = p.summary(job)
+    assert lines[0].startswith("sft job-0123456789abcdef SUCCEEDED in 3m12s  (step 1000/1000")
+    assert lines[1] == "checkpoint: /ck/final (adapter, base tiny-llama)"
+    failed = c.Job(job_id="j", kind="sft", state=c.JOB_STATE_FAILED, error="dataset empty")
+    assert p.summary(failed) == ["sft j FAILED", "reason: dataset empty"]
+
+
+def test_tty_redraws_one_line() -> None:
+    out = io.StringIO()
+    shown = p.JobProgress(out, tty=True)
+    job = running_job()
+    shown.update(ev(1, progress=c.Progress(step=120)), job)
+    first = out.getvalue()
+    assert first.startswith("\r") and first.endswith("\x1b[K") and "\n" not in first
+    assert "step 120/1000" in first
+    shown.update(ev(2, state_change=c.StateChange(from_state=1, to_state=2)), job)
+    # a state change is printed above the live line, which is then redrawn
+    assert out.getvalue()[len(first) :].startswith("\r\x1b[Kstate PENDING -> RUNNING\n\r")
+    job.state = c.JOB_STATE_SUCCEEDED
+    job.result.path = "/ck/final"
+    shown.finish(job, checkpoint=False)
+    tail = out.getvalue().rsplit("\x1b[K", 1)[1]
+    assert tail.startswith("sft job-0123456789abcdef SUCCEEDED") and "/ck/final" not in tail
+
+
+def test_plain_appends_lines_without_escapes() -> None:
+    out = io.StringIO()
+    shown = p.JobProgress(out, tty=False)
+    job = running_job()
+    shown.update(ev(1, progress=c.Progress(step=120)), job)
+    shown.update(ev(2, log=c.LogMessage(level="info", text="hello")), job)
+    shown.update(ev(3), job)  # no payload: no line
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    assert text.splitlines() == [
+        "job-01234567 step 120/1000  loss 1.235  val 1.3  lr 1.00e-04  2.1k tok/s  ETA 3m12s",
+        "job-01234567 [info] hello",
+    ]
+
+
+def make_run() -> o.Run:
+    run = o.Run(run_id="run-1", pipeline_id="pipe-1", state=o.RUN_STATE_RUNNING)
+    run.stages.add(
+        name="sft", kind=o.STAGE_KIND_SFT, state=o.STAGE_STATE_SUCCEEDED
+    ).result.path = "/ck/sft"
+    dpo = run.stages.add(name="dpo", kind=o.STAGE_KIND_DPO, state=o.STAGE_STATE_RUNNING)
+    dpo.job.CopyFrom(c.Job(job_id="j2", state=c.JOB_STATE_RUNNING, step=5, total_steps=10))
+    return run
+
+
+def test_stage_lines() -> None:
+    run = make_run()
+    assert p.stage_line(run.stages[0], name_width=5) == "sft   sft          SUCCEEDED  /ck/sft"
+    assert p.stage_line(run.stages[1], name_width=5, ascii_only=True) == (
+        "dpo   dpo          RUNNING    step 5/10 ##########----------  50%"
+    )
+    skipped = o.StageRun(name="rm", kind=o.STAGE_KIND_REWARD_MODEL, state=o.STAGE_STATE_SKIPPED)
+    skipped.cached_from = "run-0/rm"
+    assert p.stage_line(skipped, name_width=2).endswith("SKIPPED    cached from run-0/rm")
+
+
+def test_apply_run_event_and_lines() -> None:
+    run = make_run()
+    job_ev = o.RunEvent(
+        run_id="run-1",
+        seq=9,
+        job_event=o.StageJobEvent(stage="dpo", event=ev(4, progress=c.Progress(step=8))),
+    )
+    assert p.apply_run_event(run, job_ev).stages[1].job.step == 8
+    assert run.stages[1].job.step == 5
+    fail = o.RunEvent(
+        stage_state_change=o.StageStateChange(stage="dpo", from_state=2, to_state=4, reason="nan")
+    )
+    after = p.apply_run_event(run, fail)
+    assert (after.stages[1].state, after.stages[1].error) == (o.STAGE_STATE_FAILED, "nan")
+    assert p.run_event_line(fail) == "[dpo] RUNNING -> FAILED: nan"
+    assert p.run_event_line(job_ev) == "[dpo] step 8"
+    done = o.RunEvent(run_state_change=o.RunStateChange(from_state=2, to_state=3))
+    assert p.apply_run_event(run, done).state == o.RUN_STATE_SUCCEEDED
+    assert p.run_event_line(done) == "run RUNNING -> SUCCEEDED"
+
+
+def test_run_progress_tty_redraws_stage_block() -> None:
+    out = io.StringIO()
+    shown = p.RunProgress(make_run(), out, tty=True)
+    tick = o.RunEvent(
+        job_event=o.StageJobEvent(stage="dpo", event=ev(4, progress=c.Progress(step=6)))
+    )
+    shown.update(tick)
+    shown.update(tick)
+    text = out.getvalue()
+    # second draw moves up over the two stage lines and clears them first
+    assert text.count("\x1b[2F\x1b[J") == 1
+    assert text.rstrip("\n").splitlines()[-1].startswith("dpo")
+    assert "step 6/10" in text.splitlines()[-1]
+
+
+def test_run_progress_plain_and_summary() -> None:
+    out = io.StringIO()
+    shown = p.RunProgress(make_run(), out, tty=False)
+    shown.update(
+        o.RunEvent(
+            stage_state_change=o.StageStateChange(
+                stage="dpo", from_state=1, to_state=2, job_id="j2"
+            )
+        )
+    )
+    final = make_run()
+    final.state = o.RUN_STATE_SUCCEEDED
+    final.result.path = "/ck/dpo"
+    shown.finish(final)
+    assert out.getvalue().splitlines() == [
+        "[dpo] PENDING -> RUNNING (job j2)",
+        "run run-1 SUCCEEDED",
+        "checkpoint: /ck/dpo",
+    ]
