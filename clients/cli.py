@@ -838,7 +838,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="cancelled from the CLI")
 
     _cmd(sub, "templates", cmd_templates, "list pipeline templates")
+
+    p = _cmd(sub, "demo", cmd_demo, "the quick start: LoRA-tune SmolLM2-135M, before/after")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--home", help="data dir (default: $MLXU_HOME or ~/.mlxu)")
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from clients import demo
+
+    return demo.run(steps=args.steps, home=args.home)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
