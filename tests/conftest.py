@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,12 +54,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture
-def settings_for(home: Path, tmp_path: Path):
+def settings_for(home: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """Settings factory for in-process servers: port 0, roots = home + tmp + the tiny model."""
     from services.runtime.settings import Settings
 
     def make(service: str, **kw: object) -> Settings:
-        roots = (home, tmp_path.resolve(), REPO)
+        roots = (home, tmp_path.resolve(), tmp_path_factory.getbasetemp().resolve(), REPO)
         extra = kw.pop("roots", ())
         return Settings(
             service=service,
@@ -68,6 +70,57 @@ def settings_for(home: Path, tmp_path: Path):
         )
 
     return make
+
+
+class ThreadedServer:
+    """A real service in this process, on its own event loop thread, so tests can make plain
+    blocking gRPC calls without starving the server."""
+
+    def __init__(self, settings, register=None) -> None:  # noqa: ANN001
+        from services.runtime.rpc import server as rpc_server
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(rpc_server.start(settings, register), self.loop)
+        self.running = fut.result(timeout=120)
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def call(self, coro, timeout: float = 60):  # noqa: ANN001, ANN201
+        """Run a coroutine on the server's loop (e.g. to poke the runner)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if not self.loop.is_running():
+            return
+        try:
+            self.call(self.running.stop(grace), timeout=grace + 60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+
+
+@pytest.fixture
+def serve(settings_for, home: Path):
+    """serve("training", **settings) -> ThreadedServer; all are stopped at teardown."""
+    servers: list[ThreadedServer] = []
+
+    def make(service: str, register=None, **kw: object) -> ThreadedServer:  # noqa: ANN001
+        srv = ThreadedServer(settings_for(service, **kw), register)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+    _kill_workers(home)
 
 
 class ServiceProcess:
@@ -119,12 +172,13 @@ class ServiceProcess:
 
 
 @pytest.fixture
-def service_process(home: Path, tmp_path: Path):
+def service_process(home: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """Factory for services in subprocesses; every process group is killed at teardown."""
     started: list[ServiceProcess] = []
     env = dict(os.environ)
     env["MLXU_HOME"] = str(home)
-    env["MLXU_ALLOWED_ROOTS"] = os.pathsep.join([str(tmp_path.resolve()), str(REPO)])
+    base = tmp_path_factory.getbasetemp().resolve()
+    env["MLXU_ALLOWED_ROOTS"] = os.pathsep.join([str(tmp_path.resolve()), str(base), str(REPO)])
     env.pop("MLXU_API_KEYS", None)
 
     def make(service: str, port: int | None = None) -> ServiceProcess:

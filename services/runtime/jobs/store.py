@@ -289,6 +289,18 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord:
         return _record(self._row(self._conn(), job_id))
 
+    def by_output_dir(self, output_dir: str) -> list[JobRecord]:
+        """Jobs that wrote (or write) into ``output_dir``, newest first."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT * FROM jobs WHERE output_dir = ? ORDER BY create_time DESC",
+                (str(output_dir),),
+            )
+            .fetchall()
+        )
+        return [_record(r) for r in rows]
+
     def by_request_id(self, request_id: str) -> JobRecord | None:
         """The job an earlier create() with this request_id made, if any."""
         if not request_id:

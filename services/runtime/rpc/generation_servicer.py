@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 
 from grpc import aio
 
@@ -18,6 +19,41 @@ _FINISH = {
     "stop": generation_pb2.FINISH_REASON_STOP,
     "length": generation_pb2.FINISH_REASON_LENGTH,
 }
+
+
+_DONE = object()
+
+
+async def _in_one_thread(it: Iterator) -> AsyncIterator:
+    """Drive a blocking iterator on one dedicated thread (MLX streams are thread-bound),
+    handing items to the event loop; a client that goes away stops it at the next item."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in it:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+                if stop.is_set():
+                    break
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the loop side
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            close = getattr(it, "close", None)
+            if close:
+                close()
+
+    thread = threading.Thread(target=pump, name="generate", daemon=True)
+    thread.start()
+    try:
+        while (item := await queue.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -66,10 +102,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             messages=messages,
             return_logprobs=request.return_logprobs,
         )
-        while True:
-            chunk = await asyncio.to_thread(next, it, None)
-            if chunk is None:
-                return
+        async for chunk in _in_one_thread(it):
             yield generation_pb2.GenerateResponse(
                 text=chunk.text,
                 token_ids=chunk.token_ids,

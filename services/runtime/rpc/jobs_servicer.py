@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from grpc import aio
 
@@ -50,13 +51,8 @@ class JobsHost:
         job_id = new_job_id()
         name = check_name(output_name, f"{field_prefix}.output_name") if output_name else job_id
         output_dir = self.settings.checkpoints_dir / name
-        if output_name and output_dir.exists():
-            # The same request retried may legitimately reuse its own output dir.
-            existing = self.store.by_request_id(request_id) if request_id else None
-            if existing is None or existing.output_dir != str(output_dir):
-                raise InvalidArgument.one(
-                    f"{field_prefix}.output_name", f"{name!r} is already used by another job"
-                )
+        if output_name:
+            await asyncio.to_thread(self._check_output_dir, output_dir, request_id, field_prefix)
         record, created = await asyncio.to_thread(
             self.store.create,
             kind,
@@ -71,6 +67,22 @@ class JobsHost:
             logs.get().info("job_created", job_id=record.job_id, kind=kind)
             await self.runner.submit(record.job_id)
         return convert.job(record), created
+
+    def _check_output_dir(self, output_dir: Path, request_id: str, prefix: str) -> None:
+        """A named output dir may be reused to resume from its checkpoints (an orchestrator
+        retrying a stage whose job was lost or failed), never while another job owns it or
+        after a job finished it successfully."""
+        same = self.store.by_request_id(request_id) if request_id else None
+        if same is not None and same.output_dir == str(output_dir):
+            return  # the same request retried: the store returns the same job
+        for owner in self.store.by_output_dir(str(output_dir)):
+            if not owner.terminal or owner.state == "SUCCEEDED":
+                raise InvalidArgument.one(
+                    f"{prefix}.output_name",
+                    f"{output_dir.name!r} belongs to job {owner.job_id} ({owner.state})",
+                )
+        if output_dir.exists():
+            logs.get().info("output_dir_adopted", output_dir=str(output_dir))
 
     async def on_start(self) -> None:
         await self.runner.recover()
@@ -131,5 +143,3 @@ class JobServicer(common_pb2_grpc.JobServiceServicer):
 def _require_id(job_id: str) -> None:
     if not job_id:
         raise InvalidArgument.one("job_id", "is required")
-
-

@@ -1,0 +1,75 @@
+"""Core training service (port 8500): thin gRPC adapters over the shared job host.
+
+TrainingService (StartSFT, StartExport) + JobService + GenerationService.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from grpc import aio
+
+from mlx_unified.v1 import (
+    common_pb2,
+    common_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
+from services.runtime.rpc.generation_servicer import GenerationServicer
+from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
+from services.runtime.rpc.server import ServiceHandle
+from services.runtime.settings import Settings
+from services.training import spec as specs
+
+SFT_ENTRY = "services.training.trainers.sft:run"
+EXPORT_ENTRY = "services.training.trainers.export:run"
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    def __init__(self, host: JobsHost) -> None:
+        self.host = host
+
+    async def StartSFT(
+        self, request: training_pb2.StartSFTRequest, context: aio.ServicerContext
+    ) -> training_pb2.StartSFTResponse:
+        config = await asyncio.to_thread(specs.sft_config, request.spec, self.host.settings)
+        job, created = await self.host.start_job(
+            "sft",
+            SFT_ENTRY,
+            config,
+            request_id=request.request_id,
+            output_name=request.spec.output_name,
+            labels=dict(request.spec.labels),
+        )
+        return training_pb2.StartSFTResponse(job=job, created=created)
+
+    async def StartExport(
+        self, request: training_pb2.StartExportRequest, context: aio.ServicerContext
+    ) -> training_pb2.StartExportResponse:
+        config = await asyncio.to_thread(specs.export_config, request.spec, self.host.settings)
+        job, created = await self.host.start_job(
+            "export",
+            EXPORT_ENTRY,
+            config,
+            request_id=request.request_id,
+            output_name=request.spec.output_name,
+            labels=dict(request.spec.labels),
+        )
+        return training_pb2.StartExportResponse(job=job, created=created)
+
+
+async def register(server: aio.Server, settings: Settings) -> ServiceHandle:
+    host = JobsHost.open(settings)
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(host), server)
+    common_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(host), server)
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+        GenerationServicer(settings), server
+    )
+    names = [
+        training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+        common_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+        generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,
+    ]
+    return ServiceHandle(names=names, on_start=host.on_start, on_stop=host.on_stop)

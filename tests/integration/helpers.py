@@ -1,0 +1,67 @@
+"""Helpers for integration tests: stubs over a loopback channel, waiting on job streams."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from mlx_unified.v1 import common_pb2, common_pb2_grpc, training_pb2, training_pb2_grpc
+
+TERMINAL = {
+    common_pb2.JOB_STATE_SUCCEEDED,
+    common_pb2.JOB_STATE_FAILED,
+    common_pb2.JOB_STATE_CANCELLED,
+}
+
+
+class Stubs:
+    def __init__(self, address: str, api_key: str | None = None) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.md = (("x-api-key", api_key),) if api_key else ()
+        self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
+        self.jobs = common_pb2_grpc.JobServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def start_sft(self, spec: training_pb2.SFTSpec, request_id: str = "") -> common_pb2.Job:
+        req = training_pb2.StartSFTRequest(request_id=request_id, spec=spec)
+        return self.training.StartSFT(req, metadata=self.md, timeout=120).job
+
+    def watch(self, job_id: str, after_seq: int = 0, timeout: float = 240):
+        req = common_pb2.WatchJobRequest(job_id=job_id, after_seq=after_seq)
+        return self.jobs.WatchJob(req, metadata=self.md, timeout=timeout)
+
+    def wait(self, job_id: str, timeout: float = 240) -> tuple[common_pb2.Job, list]:
+        """Follow the job to a terminal state; returns the final job and every event seen."""
+        events = []
+        job = None
+        for resp in self.watch(job_id, timeout=timeout):
+            events.append(resp.event)
+            job = resp.job
+        final = self.jobs.GetJob(common_pb2.GetJobRequest(job_id=job_id), metadata=self.md)
+        assert final.job.state in TERMINAL, (job, final)
+        return final.job, events
+
+
+def violations(err: grpc.RpcError) -> dict[str, str]:
+    """field -> description from the google.rpc.BadRequest detail of an error."""
+    status = rpc_status.from_call(err)
+    out: dict[str, str] = {}
+    if status is None:
+        return out
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.update({v.field: v.description for v in bad.field_violations})
+    return out
+
+
+def losses(events) -> list[tuple[int, float]]:
+    return [
+        (e.progress.step, e.progress.metrics["train_loss"])
+        for e in events
+        if e.WhichOneof("payload") == "progress" and "train_loss" in e.progress.metrics
+    ]
