@@ -119,3 +119,11 @@ def check_resources(v: Violations, r: Message, prefix: str) -> None:
     v.check(0 <= r.num_processes <= 256, f"{prefix}.num_processes", "must be 1..256")
     if r.hosts and r.hostfile:
         v.add(f"{prefix}.hosts", "give hosts or hostfile, not both")
+
+
+def check_common(v: Violations, spec: Message, prefix: str = "spec") -> None:
+    """The loop / optimizer / LoRA / resources checks every trainer spec shares."""
+    check_loop(v, spec.loop, f"{prefix}.loop")
+    check_optimizer(v, spec.optimizer, f"{prefix}.optimizer")
+    check_lora(v, spec.lora, f"{prefix}.lora")
+    check_resources(v, spec.resources, f"{prefix}.resources")

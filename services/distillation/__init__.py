@@ -1,0 +1,1 @@
+"""Knowledge-distillation service: validation (validate.py) and trainers (trainers/)."""

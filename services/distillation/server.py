@@ -1,0 +1,82 @@
+"""Distillation service (port 8300): StartDistillation + JobService, thin over the job host."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from grpc import aio
+
+from mlx_unified.v1 import common_pb2, common_pb2_grpc, distillation_pb2, distillation_pb2_grpc
+from services.runtime import specs
+from services.runtime.errors import InvalidArgument, Violations
+from services.runtime.refs import resolve_dataset, resolve_model_ref
+from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
+from services.runtime.rpc.server import ServiceHandle
+from services.runtime.settings import Settings
+
+ENTRY = "services.distillation.trainers.kd:run"
+FORMATS = ("text", "chat", "completion")
+
+
+def distill_config(spec: distillation_pb2.DistillationSpec, settings: Settings) -> dict[str, Any]:
+    """Validate a DistillationSpec (every field, every file it names) into the trainer config."""
+    from services.distillation.validate import validate
+
+    v = Violations()
+    specs.check_common(v, spec)
+    v.check(len(spec.teachers) > 0, "spec.teachers", "at least one teacher is required")
+    init = spec.student_init
+    has_init = bool(init.keep_teacher_layers) or init.num_layers > 0
+    v.check(
+        bool(spec.student.model) or has_init,
+        "spec.student.model",
+        "is required (or build the student from the teacher with spec.student_init)",
+    )
+    v.raise_if_any()
+    config = specs.to_dict(spec)
+    if spec.student.model:
+        config["student"] = resolve_model_ref(spec.student, settings, "spec.student")
+    for i, teacher in enumerate(spec.teachers):
+        if teacher.endpoint:
+            raise InvalidArgument.one(
+                f"spec.teachers[{i}].endpoint", "remote teachers are not supported yet"
+            )
+        config["teachers"][i]["model"] = resolve_model_ref(
+            teacher.model, settings, f"spec.teachers[{i}].model"
+        )
+    config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", FORMATS)
+    validate(config)
+    return config
+
+
+class DistillationServicer(distillation_pb2_grpc.DistillationServiceServicer):
+    def __init__(self, host: JobsHost) -> None:
+        self.host = host
+
+    async def StartDistillation(
+        self, request: distillation_pb2.StartDistillationRequest, context: aio.ServicerContext
+    ) -> distillation_pb2.StartDistillationResponse:
+        config = await asyncio.to_thread(distill_config, request.spec, self.host.settings)
+        job, created = await self.host.start_job(
+            "distill",
+            ENTRY,
+            config,
+            request_id=request.request_id,
+            output_name=request.spec.output_name,
+            labels=dict(request.spec.labels),
+        )
+        return distillation_pb2.StartDistillationResponse(job=job, created=created)
+
+
+async def register(server: aio.Server, settings: Settings) -> ServiceHandle:
+    host = JobsHost.open(settings)
+    distillation_pb2_grpc.add_DistillationServiceServicer_to_server(
+        DistillationServicer(host), server
+    )
+    common_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(host), server)
+    names = [
+        distillation_pb2.DESCRIPTOR.services_by_name["DistillationService"].full_name,
+        common_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    ]
+    return ServiceHandle(names=names, on_start=host.on_start, on_stop=host.on_stop)

@@ -1,0 +1,75 @@
+"""Resolve the model and dataset references of any request: confined paths, registered
+names, every dataset row read and checked once, before a job exists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mlx_unified.v1 import common_pb2
+from services.runtime.datasets import (
+    detect_format,
+    load_dir,
+    load_rows,
+    normalize_format,
+    validate_rows,
+)
+from services.runtime.errors import InvalidArgument
+from services.runtime.models import resolve_model
+from services.runtime.paths import confine
+from services.runtime.settings import Settings
+
+
+def resolve_model_ref(ref: common_pb2.ModelRef, settings: Settings, field: str) -> dict[str, str]:
+    """A ModelRef -> {"model": local dir or hub id, "adapter_path": confined dir or ""}."""
+    if not ref.model:
+        raise InvalidArgument.one(f"{field}.model", "is required")
+    model = resolve_model(ref.model, settings.home, settings.allowed_roots, f"{field}.model")
+    out = {"model": str(model), "adapter_path": ""}
+    if ref.adapter_path:
+        adapter = confine(ref.adapter_path, settings.allowed_roots, f"{field}.adapter_path")
+        if not (adapter / "adapter_config.json").is_file():
+            raise InvalidArgument.one(
+                f"{field}.adapter_path", f"{ref.adapter_path!r} has no adapter_config.json"
+            )
+        out["adapter_path"] = str(adapter)
+    return out
+
+
+def resolve_dataset(
+    ref: common_pb2.DatasetRef, settings: Settings, field: str, allowed: tuple[str, ...]
+) -> dict[str, Any]:
+    """Confine the dataset paths, read every row once and check the format fits the method."""
+    if not ref.path:
+        raise InvalidArgument.one(f"{field}.path", "is required")
+    path = confine(ref.path, settings.allowed_roots, f"{field}.path")
+    if not path.exists():
+        raise InvalidArgument.one(f"{field}.path", f"{ref.path!r} does not exist")
+    if path.is_dir():
+        rows = load_dir(path, f"{field}.path")["train"]
+    else:
+        rows = load_rows(path, f"{field}.path")
+    fmt = normalize_format(
+        common_pb2.DatasetFormat.Name(ref.format) if ref.format else "", f"{field}.format"
+    )
+    detected = detect_format(rows, f"{field}.path")
+    if fmt and fmt != detected:
+        raise InvalidArgument.one(
+            f"{field}.format", f"dataset rows are {detected!r} but format says {fmt!r}"
+        )
+    if detected not in allowed:
+        raise InvalidArgument.one(
+            f"{field}.path",
+            f"{detected!r} rows cannot train this method (expected {' or '.join(allowed)})",
+        )
+    validate_rows(rows, detected, f"{field}.path")
+    out: dict[str, Any] = {"path": str(path), "format": detected}
+    if ref.valid_path:
+        vpath = confine(ref.valid_path, settings.allowed_roots, f"{field}.valid_path")
+        vrows = load_rows(vpath, f"{field}.valid_path")
+        validate_rows(vrows, detected, f"{field}.valid_path")
+        out["valid_path"] = str(vpath)
+    if ref.HasField("valid_fraction"):
+        if not 0 <= ref.valid_fraction < 0.5:
+            raise InvalidArgument.one(f"{field}.valid_fraction", "must be in [0, 0.5)")
+        out["valid_fraction"] = ref.valid_fraction
+    return out
