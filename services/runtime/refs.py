@@ -36,9 +36,14 @@ def resolve_model_ref(ref: common_pb2.ModelRef, settings: Settings, field: str) 
 
 
 def resolve_dataset(
-    ref: common_pb2.DatasetRef, settings: Settings, field: str, allowed: tuple[str, ...]
+    ref: common_pb2.DatasetRef,
+    settings: Settings,
+    field: str,
+    allowed: tuple[str, ...],
+    counts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Confine the dataset paths, read every row once and check the format fits the method."""
+    """Confine the dataset paths, read every row once and check the format fits the method.
+    ``counts``, when given, receives the number of training rows as "rows"."""
     if not ref.path:
         raise InvalidArgument.one(f"{field}.path", "is required")
     path = confine(ref.path, settings.allowed_roots, f"{field}.path")
@@ -62,6 +67,8 @@ def resolve_dataset(
             f"{detected!r} rows cannot train this method (expected {' or '.join(allowed)})",
         )
     validate_rows(rows, detected, f"{field}.path")
+    if counts is not None:
+        counts["rows"] = len(rows)
     out: dict[str, Any] = {"path": str(path), "format": detected}
     if ref.valid_path:
         vpath = confine(ref.valid_path, settings.allowed_roots, f"{field}.valid_path")

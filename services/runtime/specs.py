@@ -7,7 +7,6 @@ Enum values become short lowercase names (OPTIMIZER_NAME_ADAMW -> "adamw").
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -19,7 +18,8 @@ from services.runtime.errors import Violations
 def _enum_short(field: FieldDescriptor, number: int) -> str:
     enum = field.enum_type
     name = enum.values_by_number[number].name if number in enum.values_by_number else str(number)
-    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+    # buf style: every value starts with the prefix of the zero value `<PREFIX>_UNSPECIFIED`.
+    prefix = enum.values_by_number[0].name.removesuffix("UNSPECIFIED")
     return name.removeprefix(prefix).lower()
 
 

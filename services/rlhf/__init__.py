@@ -1,0 +1,1 @@
+"""RLHF service: reward models, the DPO family, PPO and GRPO (port 8400)."""

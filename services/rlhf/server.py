@@ -1,0 +1,128 @@
+"""RLHF service (port 8400): reward model, DPO, PPO, GRPO jobs and Score; thin servicers over
+the shared job host. Every config is validated by the trainer's own config class (the same
+code the worker runs) plus every dataset row, before a job exists."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from grpc import aio
+
+from mlx_unified.v1 import common_pb2, common_pb2_grpc, rlhf_pb2, rlhf_pb2_grpc
+from services.runtime import specs
+from services.runtime.errors import InvalidArgument, Violations
+from services.runtime.paths import confine
+from services.runtime.refs import resolve_dataset, resolve_model_ref
+from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
+from services.runtime.rpc.server import ServiceHandle
+from services.runtime.settings import Settings
+
+PREFERENCE = ("preference",)
+PROMPTS = ("prompt", "completion", "preference")
+
+
+def rlhf_config(kind: str, spec: Any, settings: Settings) -> dict[str, Any]:
+    from services.rlhf import validate
+
+    v = Violations()
+    specs.check_common(v, spec)
+    v.raise_if_any()
+    config = specs.to_dict(spec)
+    if kind == "reward_model":
+        config["model"] = resolve_model_ref(spec.model, settings, "spec.model")
+    else:
+        config["policy"] = resolve_model_ref(spec.policy, settings, "spec.policy")
+        # The reference is explicit in the resolved config: the given one, else the policy's
+        # starting checkpoint (base + its adapter), never silently the bare base model.
+        config["reference"] = (
+            resolve_model_ref(spec.reference, settings, "spec.reference")
+            if spec.reference.model
+            else dict(config["policy"])
+        )
+    if kind in ("ppo", "grpo") and spec.reward.reward_model.model:
+        # A reward checkpoint (adapter or full dir + value head), not a plain model.
+        path = confine(
+            spec.reward.reward_model.model, settings.allowed_roots, "spec.reward.reward_model.model"
+        )
+        config["reward"]["reward_model"] = {"model": str(path), "adapter_path": ""}
+    allowed = PREFERENCE if kind in ("reward_model", "dpo") else PROMPTS
+    counts: dict[str, int] = {}
+    config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", allowed, counts)
+    found = Violations()
+    if kind in ("ppo", "grpo"):
+        found.check(
+            spec.rollout.batch_size <= counts["rows"],
+            "spec.rollout.batch_size",
+            f"{spec.rollout.batch_size} is larger than the dataset ({counts['rows']} prompts)",
+        )
+    try:
+        validate.check(kind, config)
+    except InvalidArgument as e:
+        found.items.extend(e.violations)
+    found.raise_if_any()
+    return validate._config_class(kind).from_dict(config, prefix="spec").to_dict()
+
+
+class RLHFServicer(rlhf_pb2_grpc.RLHFServiceServicer):
+    def __init__(self, host: JobsHost) -> None:
+        self.host = host
+
+    async def _start(self, kind: str, request: Any) -> tuple[common_pb2.Job, bool]:
+        from services.rlhf.trainers import TRAINERS
+
+        config = await asyncio.to_thread(rlhf_config, kind, request.spec, self.host.settings)
+        return await self.host.start_job(
+            kind,
+            TRAINERS[kind],
+            config,
+            request_id=request.request_id,
+            output_name=request.spec.output_name,
+            labels=dict(request.spec.labels),
+        )
+
+    async def StartRewardModel(self, request, context):  # noqa: ANN001, ANN201
+        job, created = await self._start("reward_model", request)
+        return rlhf_pb2.StartRewardModelResponse(job=job, created=created)
+
+    async def StartDPO(self, request, context):  # noqa: ANN001, ANN201
+        job, created = await self._start("dpo", request)
+        return rlhf_pb2.StartDPOResponse(job=job, created=created)
+
+    async def StartPPO(self, request, context):  # noqa: ANN001, ANN201
+        job, created = await self._start("ppo", request)
+        return rlhf_pb2.StartPPOResponse(job=job, created=created)
+
+    async def StartGRPO(self, request, context):  # noqa: ANN001, ANN201
+        job, created = await self._start("grpo", request)
+        return rlhf_pb2.StartGRPOResponse(job=job, created=created)
+
+    async def Score(
+        self, request: rlhf_pb2.ScoreRequest, context: aio.ServicerContext
+    ) -> rlhf_pb2.ScoreResponse:
+        from services.rlhf.trainers.rewards import score_pairs
+        from services.rlhf.validate import check_score
+
+        if not request.items:
+            raise InvalidArgument.one("items", "must not be empty")
+        if len(request.items) > 1024:
+            raise InvalidArgument.one("items", "at most 1024 items per call")
+        path = confine(
+            request.reward_model.model, self.host.settings.allowed_roots, "reward_model.model"
+        )
+        ref = {"model": str(path)}
+        check_score(ref)
+        items = [(i.prompt, i.completion) for i in request.items]
+        scores = await asyncio.to_thread(score_pairs, ref["model"], items)
+        return rlhf_pb2.ScoreResponse(scores=scores)
+
+
+async def register(server: aio.Server, settings: Settings) -> ServiceHandle:
+    host = JobsHost.open(settings)
+    rlhf_pb2_grpc.add_RLHFServiceServicer_to_server(RLHFServicer(host), server)
+    common_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(host), server)
+    names = [
+        rlhf_pb2.DESCRIPTOR.services_by_name["RLHFService"].full_name,
+        common_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
+    ]
+    return ServiceHandle(names=names, on_start=host.on_start, on_stop=host.on_stop)

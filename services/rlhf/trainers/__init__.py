@@ -1,0 +1,291 @@
+"""RLHF trainers, one module per method; each exposes ``run(config, ctx) -> CheckpointInfo``.
+
+Dotted names for the job runner are in ``TRAINERS``. This module holds what the four share:
+loading the policy with its fine-tuning method, loading the frozen reference, writing a
+policy (plus an optional value/reward head) as an mlx-lm checkpoint directory, and, for the
+rollout trainers (PPO, GRPO) that run their own outer loop, checkpoints with trainer state in
+the shared loop's layout (so exact resume works the same way), reporting and stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.runtime import checkpoints
+from services.runtime.contract import CheckpointInfo, Interrupted, Report
+from services.runtime.loop import LoopSettings, _Progress, _restore, _write_trainer_state
+
+TRAINERS = {
+    "reward_model": "services.rlhf.trainers.reward_model:run",
+    "dpo": "services.rlhf.trainers.dpo:run",
+    "ppo": "services.rlhf.trainers.ppo:run",
+    "grpo": "services.rlhf.trainers.grpo:run",
+}
+
+
+@dataclass
+class Policy:
+    """A trainable LM: its method is applied; ``adapter_config`` is None for full training."""
+
+    model: Any
+    tokenizer: Any
+    base: str
+    adapter_config: dict | None
+    source: Path | None
+    model_config: dict
+
+    @property
+    def kind(self) -> str:
+        return "full" if self.adapter_config is None else "adapter"
+
+
+def _source_dir(model: str) -> Path | None:
+    p = Path(model)
+    if p.is_dir():
+        return p
+    try:  # a hub id: mlx-lm's local snapshot
+        from mlx_lm.utils import _download
+
+        return Path(_download(model))
+    except Exception:  # noqa: BLE001 - no snapshot: tokenizer files come from the tokenizer
+        return None
+
+
+def load_policy(ref, method: str, lora, dtype: str, field: str = "spec.policy") -> Policy:
+    """Load ``ref`` (ModelSettings) and make it trainable with ``method``.
+
+    A starting adapter is continued by adapter methods and fused into the weights for full
+    training, as SFT does."""
+    from services.runtime import adapters, models
+
+    base, init_adapter = ref.model, ref.adapter_path or None
+    if method == "full" and init_adapter:
+        model, tokenizer = models.load_model(base, init_adapter, dtype=dtype, field=field)
+        adapters.fuse(model)
+        init_adapter = None
+    else:
+        model, tokenizer = models.load_model(base, dtype=dtype, field=field)
+    adapter_config = adapters.apply(model, method, lora, base_model=base, init_adapter=init_adapter)
+    source = _source_dir(base)
+    cfg = models.model_config(source) if source is not None else {}
+    return Policy(model, tokenizer, base, adapter_config, source, cfg)
+
+
+def load_reference(ref, policy_ref, dtype: str, field: str = "spec.reference"):
+    """The frozen reference LM: ``ref`` when given, else the policy's *starting* checkpoint
+    (its base plus its starting adapter, never the bare base behind an adapter)."""
+    from services.runtime import models
+
+    own = ref is not None and bool(ref.model)
+    use = ref if own else policy_ref
+    where = field if own else "spec.policy"
+    model, _ = models.load_model(use.model, use.adapter_path or None, dtype=dtype, field=where)
+    model.freeze()
+    model.eval()
+    return model, {"model": use.model, "adapter_path": use.adapter_path}
+
+
+def pad_id(tokenizer: Any) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return int(pad)
+
+
+def eos_ids(tokenizer: Any) -> frozenset[int]:
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def write_policy(dst: Path, policy: Policy, head_kind: str | None = None) -> None:
+    """The policy as an mlx-lm dir (adapter or full), plus ``value_head.safetensors`` when
+    the model carries a head. The head never enters the LM's own weight files, so
+    ``mlx_lm.load`` opens the directory as a plain LM."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import make_shards, save_config
+
+    from services.rlhf.trainers import heads
+    from services.runtime import adapters
+
+    dst.mkdir(parents=True, exist_ok=True)
+    lm = policy.model
+    if policy.adapter_config is not None:
+        weights = {k: v for k, v in adapters.adapter_weights(lm).items() if not heads.is_head(k)}
+        mx.save_safetensors(str(dst / adapters.ADAPTER_WEIGHTS), weights)
+        (dst / adapters.ADAPTER_CONFIG).write_text(json.dumps(policy.adapter_config, indent=2))
+    else:
+        weights = {k: v for k, v in tree_flatten(lm.parameters()) if not heads.is_head(k)}
+        shards = make_shards(weights)
+        n = len(shards)
+        for i, shard in enumerate(shards, 1):
+            name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            mx.save_safetensors(str(dst / name), shard, metadata={"format": "mlx"})
+        save_config(dict(policy.model_config), dst / "config.json")
+        policy.tokenizer.save_pretrained(str(dst))
+        src = policy.source
+        if src is not None and (src / "generation_config.json").is_file():
+            shutil.copy(src / "generation_config.json", dst)
+    if head_kind is not None:
+        heads.save_head(lm, dst, head_kind)
+
+
+class RLState:
+    """The extra trainer state of an RL run: KL controller (PPO) and rollout RNG."""
+
+    def __init__(self, rng, kl=None) -> None:
+        self.rng, self.kl = rng, kl
+
+    def state(self) -> dict:
+        return {"rng": self.rng.state(), "kl": self.kl.state() if self.kl else None}
+
+    def restore(self, state: dict) -> None:
+        self.rng.restore(state["rng"])
+        if self.kl is not None and state.get("kl"):
+            self.kl.restore(state["kl"])
+
+
+class Checkpointer:
+    """Saves policy (+ head) and trainer state like the shared loop; restores on resume."""
+
+    def __init__(self, ctx, policy, optimizer, prompts, extra, cfg_dict, head_kind, keep):
+        self.ctx, self.policy, self.optimizer = ctx, policy, optimizer
+        self.prompts, self.extra, self.cfg, self.head_kind = prompts, extra, cfg_dict, head_kind
+        self.keep = keep
+        self.last: CheckpointInfo | None = None
+
+    def restore(self) -> _Progress:
+        if self.ctx.resume_from is None:
+            return _Progress()
+        path = Path(self.ctx.resume_from)
+        progress = _restore(path, self.policy.model, self.optimizer, self.prompts, self.extra)
+        self.ctx.log(f"resumed from {path} at step {progress.step}")
+        self.last = checkpoints.info(path)
+        return progress
+
+    def save(self, progress: _Progress) -> CheckpointInfo | None:
+        if not self.ctx.is_main:
+            return None
+
+        def write(tmp: Path) -> None:
+            write_policy(tmp, self.policy, head_kind=self.head_kind)
+            _write_trainer_state(
+                tmp / checkpoints.TRAINER_STATE, self.optimizer, progress, self.prompts, self.extra
+            )
+
+        manifest = {
+            "job_id": self.ctx.job_id,
+            "kind": self.policy.kind,
+            "base_model": self.policy.base,
+            "config": self.cfg,
+            "metrics": progress.metrics,
+        }
+        root = Path(self.ctx.output_dir) / checkpoints.CHECKPOINTS
+        self.last = checkpoints.save(root, progress.step, write, manifest, self.keep)
+        self.ctx.checkpoint_written(self.last)
+        return self.last
+
+
+def outer_loop(ctx, loop: LoopSettings, total: int, progress: _Progress, ckpt, one_step) -> None:
+    """Steps to ``total``: report every ``steps_per_report``, checkpoint every
+    ``steps_per_checkpoint`` and at the end; on ``ctx.should_stop()`` save and stop."""
+    window: dict[str, float] = {}
+    n_window = 0
+    session_time, session_steps = 0.0, 0
+    while progress.step < total:
+        tic = time.perf_counter()
+        metrics, ntokens = one_step(progress.step)
+        elapsed = time.perf_counter() - tic
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise RuntimeError(f"{bad[0]} became {metrics[bad[0]]} at step {progress.step + 1}")
+        progress.step += 1
+        progress.tokens += ntokens
+        progress.train_time += elapsed
+        session_time, session_steps = session_time + elapsed, session_steps + 1
+        for k, v in metrics.items():
+            window[k] = window.get(k, 0.0) + v
+        n_window += 1
+        last = progress.step == total
+        stop = not last and bool(ctx.should_stop())
+        every = loop.steps_per_checkpoint
+        ckpt_due = last or stop or (every > 0 and progress.step % every == 0)
+        if last or stop or ckpt_due or progress.step % loop.steps_per_report == 0:
+            progress.metrics = {k: v / n_window for k, v in window.items()}
+            window, n_window = {}, 0
+            ctx.report(
+                Report(
+                    step=progress.step,
+                    total_steps=total,
+                    metrics=dict(progress.metrics),
+                    epoch=float(getattr(ckpt.prompts, "epoch", 0.0)),
+                    tokens=progress.tokens,
+                    eta_seconds=(total - progress.step) * session_time / session_steps,
+                )
+            )
+        if ckpt_due:
+            ckpt.save(progress)
+        if stop:
+            raise Interrupted(f"stopped on request at step {progress.step}")
+
+
+def finish(ctx, ckpt: Checkpointer, progress: _Progress, kind: str) -> CheckpointInfo:
+    metrics = {**progress.metrics, "steps": float(progress.step)}
+    metrics["train_time_s"] = progress.train_time
+    if ckpt.last is None:
+        if not ctx.is_main:
+            return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, kind, progress.step)
+        ckpt.save(progress)
+    final = checkpoints.publish(ckpt.last.path, Path(ctx.output_dir), metrics)
+    ctx.checkpoint_written(final)
+    return final
+
+
+def evaluate_metrics(model, loss_fn, batches) -> dict[str, float]:
+    """Weight-averaged loss and metrics of ``loss_fn`` over one pass of ``batches``, as
+    ``val_<name>`` (the shared loop's own evaluation reports the loss only)."""
+    import mlx.core as mx
+
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0.0
+    try:
+        for batch in batches:
+            arrays = {k: v for k, v in batch.items() if isinstance(v, mx.array)}
+            loss, w, metrics = loss_fn(model, arrays)
+            w = float(w.item())
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v.item()) * w
+            n += w
+    finally:
+        model.train()
+    return {f"val_{k}": v / n for k, v in sums.items()} if n else {}
+
+
+def run_cli(run, argv: list[str], module: str) -> int:
+    """``python -m <trainer module> CONFIG.json OUTPUT_DIR``: run a trainer outside a job,
+    resuming from the newest checkpoint in OUTPUT_DIR, printing reports."""
+    from services.runtime.contract import JobContext
+
+    if len(argv) != 2:
+        print(f"usage: python -m {module} CONFIG.json OUTPUT_DIR")
+        return 2
+
+    def report(r: Report) -> None:
+        shown = {k: round(v, 4) for k, v in sorted(r.metrics.items())}
+        print(f"step {r.step}/{r.total_steps} {shown}", flush=True)
+
+    out = Path(argv[1])
+    ctx = JobContext(job_id="local", output_dir=out, report=report, log=print)
+    ctx.resume_from = checkpoints.latest(out)
+    info = run(json.loads(Path(argv[0]).read_text()), ctx)
+    print(f"final: {info.path} {info.metrics}")
+    return 0

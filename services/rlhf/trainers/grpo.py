@@ -1,0 +1,220 @@
+"""GRPO (Shao et al. 2024): PPO without a critic, advantages from groups of samples.
+
+``run(config, ctx)`` takes a resolved GRPOSpec dict::
+
+    {"policy": {"model": "/path"}, "dataset": {"path": "prompts.jsonl"},
+     "reward": {"reward_function": "length"}, "method": "lora",
+     "rollout": {"batch_size": 8, "sampling": {"max_tokens": 64}},
+     "group_size": 4, "beta": 0.04, "clip_range": 0.2, "loop": {"batch_size": 4}}
+
+One *step*: ``group_size`` completions for each prompt of a rollout batch, rewards
+normalised within each group (``(r - mean) / (std + eps)``), then one pass of clipped-ratio
+updates over minibatches of ``loop.batch_size`` completions with the per-token ``k3``
+estimate of KL(policy || reference) weighted by ``beta`` (no reference is loaded when
+``beta`` is 0). The rollout machinery, checkpoints and exact resume are PPO's.
+
+    uv run python -m services.rlhf.trainers.grpo config.json /tmp/grpo-out
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from services.rlhf.trainers import (
+    Checkpointer,
+    RLState,
+    finish,
+    load_policy,
+    load_reference,
+    outer_loop,
+    run_cli,
+)
+from services.rlhf.trainers.losses import (
+    aux,
+    entropy,
+    group_advantages,
+    grpo_loss,
+    masked_mean,
+    token_logps,
+)
+from services.rlhf.trainers.ppo import (
+    check_prompt_format,
+    check_single_process,
+    make_update,
+    minibatches,
+    prompt_data,
+    reference_logps,
+    reward_fn,
+    sample,
+    take,
+)
+from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
+from services.rlhf.trainers.rewards import RewardSourceSettings
+from services.rlhf.trainers.rollout import RolloutRNG, RolloutSettings, completion_logits
+from services.runtime.adapters import LoraSettings
+from services.runtime.contract import CheckpointInfo, JobContext
+from services.runtime.errors import Violations
+from services.runtime.loop import (
+    DatasetSettings,
+    LoopSettings,
+    ModelSettings,
+    ResourcesSettings,
+    sub,
+)
+from services.runtime.optim import (
+    DictConfig,
+    OptimizerSettings,
+    build_optimizer,
+    learning_rate,
+    zero_default,
+)
+
+
+@dataclass(frozen=True)
+class GRPOConfig(DictConfig):
+    policy: ModelSettings = sub(ModelSettings)
+    reference: ModelSettings | None = None
+    dataset: DatasetSettings = sub(DatasetSettings)
+    reward: RewardSourceSettings = sub(RewardSourceSettings)
+    method: str = zero_default("lora")
+    lora: LoraSettings = sub(LoraSettings)
+    optimizer: OptimizerSettings = sub(OptimizerSettings)
+    loop: LoopSettings = sub(LoopSettings)
+    resources: ResourcesSettings = sub(ResourcesSettings)
+    rollout: RolloutSettings = sub(RolloutSettings)
+    group_size: int = zero_default(4)
+    beta: float = zero_default(0.04)
+    clip_range: float = zero_default(0.2)
+    output_name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> GRPOConfig:
+        return super().from_dict(default_lr(data or {}), prefix=prefix)
+
+    def resolve(self) -> GRPOConfig:
+        ref = self.reference if self.reference is not None and self.reference.model else None
+        return dataclasses.replace(self, method=method_name(self.method), reference=ref)
+
+    def validate(self, v: Violations, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
+        v.check(bool(self.policy.model), f"{p}policy.model", "is required")
+        v.check(2 <= self.group_size <= 256, f"{p}group_size", "must be between 2 and 256")
+        v.check(self.beta >= 0, f"{p}beta", "must be >= 0")
+        v.check(self.clip_range > 0, f"{p}clip_range", "must be > 0")
+        self.reward.check(v, f"{p}reward")
+        check_prompt_format(v, self.dataset, p)
+        check_single_process(v, self.resources, p)
+
+
+def make_loss(cfg: GRPOConfig):
+    temp = cfg.rollout.sampling.temperature
+
+    def loss_fn(model: nn.Module, mb: dict[str, mx.array]):
+        lg = completion_logits(model(mb["inputs"]), mb, temp)
+        logps = token_logps(lg, mb["tokens"])
+        loss, stats = grpo_loss(
+            logps,
+            mb["old_logps"],
+            mb["ref_logps"],
+            mb["advantages"],
+            mb["mask"],
+            clip=cfg.clip_range,
+            beta=cfg.beta,
+        )
+        return loss, {k: aux(v) for k, v in stats.items()}
+
+    return loss_fn
+
+
+def run(config: dict, ctx: JobContext) -> CheckpointInfo:
+    cfg = GRPOConfig.from_dict(config, prefix="spec")
+    loop = cfg.loop
+    world = mx.distributed.init()
+    mx.random.seed(loop.seed)
+    temp = cfg.rollout.sampling.temperature
+    G = cfg.group_size
+
+    policy = load_policy(cfg.policy, cfg.method, cfg.lora, loop.dtype)
+    model, tokenizer = policy.model, policy.tokenizer
+    reference, ref_cfg = None, None
+    if cfg.beta > 0:
+        reference, ref_cfg = load_reference(cfg.reference, cfg.policy, loop.dtype)
+    score = reward_fn(cfg.reward, tokenizer, loop.dtype)
+    prompts = prompt_data(cfg, tokenizer, world)
+    total = loop.max_steps or loop.epochs * prompts.steps_per_epoch
+    per_step = math.ceil(cfg.rollout.batch_size * G / loop.batch_size)
+    optimizer = build_optimizer(cfg.optimizer, total * per_step)
+    optimizer.init(model.trainable_parameters())
+    seed = loop.seed if cfg.rollout.sampling.seed is None else cfg.rollout.sampling.seed
+    extra = RLState(RolloutRNG(seed))
+    resolved = {"trainer": "grpo", **cfg.to_dict(), "resolved_reference": ref_cfg}
+    ckpt = Checkpointer(
+        ctx, policy, optimizer, prompts, extra, resolved, None, loop.keep_last_checkpoints
+    )
+    progress = ckpt.restore()
+    update, _ = make_update(model, make_loss(cfg), optimizer, cfg.optimizer.grad_clip_norm)
+    prompt_iter = iter(prompts)
+
+    def one_step(step: int) -> tuple[dict[str, float], int]:
+        got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter), group=G)
+        batch, ids = got.batch, got.ids
+        tic = time.perf_counter()
+        rewards = np.asarray(score(got.prompts, ids, got.texts), np.float32)
+        t_reward = time.perf_counter() - tic
+        tic = time.perf_counter()
+        model.eval()
+        lg = completion_logits(model(batch["inputs"]), batch, temp)
+        old_logps = mx.stop_gradient(token_logps(lg, batch["tokens"]))
+        ent = masked_mean(entropy(lg), batch["mask"])
+        model.train()
+        ref = reference_logps(reference, batch, temp) if reference is not None else old_logps
+        adv = group_advantages(mx.array(rewards), G)
+        mx.eval(old_logps, ref, adv, ent)
+        t_score = time.perf_counter() - tic + t_reward
+
+        tic = time.perf_counter()
+        data = {**batch, "old_logps": old_logps, "ref_logps": ref, "advantages": adv}
+        sums: dict[str, float] = {}
+        n = 0
+        for idx in minibatches(len(ids), loop.batch_size, loop.seed, step, 0):
+            mx.random.seed((loop.seed * 1_000_003 + step * 1009 + n) % 2**63)
+            loss, m = update(take(data, idx))
+            for k, v in {"loss": loss, **m}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        t_update = time.perf_counter() - tic
+        groups = rewards.reshape(-1, G)
+        metrics = {k: v / n for k, v in sums.items()}
+        metrics.update(
+            reward_mean=float(rewards.mean()),
+            reward_std=float(groups.std(axis=1).mean()),
+            frac_groups_without_signal=float((groups.std(axis=1) == 0).mean()),
+            entropy=ent.item(),
+            completion_length=batch["mask"].sum(axis=1).mean().item(),
+            learning_rate=learning_rate(optimizer),
+            time_generation=got.seconds,
+            time_scoring=t_score,
+            time_update=t_update,
+        )
+        return metrics, int(batch["mask"].sum().item())
+
+    outer_loop(ctx, loop, total, progress, ckpt, one_step)
+    return finish(ctx, ckpt, progress, policy.kind)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, sys.argv[1:] if argv is None else argv, __name__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,396 @@
+"""PPO for language models (Ziegler et al. 2019; the InstructGPT recipe), rollouts local.
+
+``run(config, ctx)`` takes a resolved PPOSpec dict (see docs/rlhf.md for every field)::
+
+    {"policy": {"model": "/path"}, "dataset": {"path": "prompts.jsonl"},
+     "reward": {"reward_function": "token_count:!"} | {"reward_model": {"model": "/rm"}},
+     "method": "lora", "rollout": {"batch_size": 8, "sampling": {"max_tokens": 64}},
+     "ppo_epochs": 4, "minibatch_size": 4, "init_kl_coef": 0.2, "adaptive_kl": true, ...}
+
+One *step* is one PPO iteration: sample a completion per prompt of a rollout batch, score
+it, add the per-token KL penalty ``-kl_coef * (log pi - log ref)`` to the rewards, run GAE
+on the value head's estimates, then ``ppo_epochs`` passes of clipped policy + clipped value
+updates over shuffled minibatches. The policy and the value share the trunk (a value head
+on the LM). Checkpoints hold the policy, its value head and the trainer state (optimizer,
+step, KL controller, rollout RNG, prompt position), so a resumed job continues exactly.
+
+    uv run python -m services.rlhf.trainers.ppo config.json /tmp/ppo-out
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from services.rlhf.trainers import (
+    Checkpointer,
+    Policy,
+    RLState,
+    eos_ids,
+    finish,
+    heads,
+    load_policy,
+    load_reference,
+    outer_loop,
+    pad_id,
+    run_cli,
+)
+from services.rlhf.trainers.kl import make_kl_controller
+from services.rlhf.trainers.losses import (
+    aux,
+    entropy,
+    gae,
+    kl_penalised_rewards,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logps,
+    whiten,
+)
+from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
+from services.rlhf.trainers.rewards import (
+    RewardFn,
+    RewardModelScorer,
+    RewardSourceSettings,
+    parse_reward_function,
+)
+from services.rlhf.trainers.rollout import (
+    RolloutRNG,
+    RolloutSettings,
+    completion_logits,
+    gather_positions,
+    generate,
+    pack,
+    strip_eos,
+)
+from services.runtime import datasets
+from services.runtime.adapters import LoraSettings
+from services.runtime.contract import CheckpointInfo, JobContext
+from services.runtime.errors import Violations
+from services.runtime.loop import (
+    DatasetSettings,
+    LoopSettings,
+    ModelSettings,
+    ResourcesSettings,
+    sub,
+)
+from services.runtime.optim import (
+    DictConfig,
+    OptimizerSettings,
+    build_optimizer,
+    learning_rate,
+    zero_default,
+)
+
+
+@dataclass(frozen=True)
+class PPOConfig(DictConfig):
+    policy: ModelSettings = sub(ModelSettings)
+    reference: ModelSettings | None = None
+    dataset: DatasetSettings = sub(DatasetSettings)
+    reward: RewardSourceSettings = sub(RewardSourceSettings)
+    method: str = zero_default("lora")
+    lora: LoraSettings = sub(LoraSettings)
+    optimizer: OptimizerSettings = sub(OptimizerSettings)
+    loop: LoopSettings = sub(LoopSettings)
+    resources: ResourcesSettings = sub(ResourcesSettings)
+    rollout: RolloutSettings = sub(RolloutSettings)
+    ppo_epochs: int = zero_default(4)
+    minibatch_size: int = zero_default(4)
+    gamma: float = zero_default(1.0)
+    lam: float = zero_default(0.95)
+    clip_range: float = zero_default(0.2)
+    clip_range_value: float = zero_default(0.2)
+    vf_coef: float = zero_default(0.1)
+    init_kl_coef: float = zero_default(0.2)
+    adaptive_kl: bool = False
+    kl_target: float = zero_default(6.0)
+    kl_horizon: float = zero_default(10000.0)
+    whiten_advantages: bool | None = None  # None = True
+    output_name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> PPOConfig:
+        return super().from_dict(default_lr(data or {}), prefix=prefix)
+
+    def resolve(self) -> PPOConfig:
+        ref = self.reference if self.reference is not None and self.reference.model else None
+        whiten_adv = True if self.whiten_advantages is None else self.whiten_advantages
+        return dataclasses.replace(
+            self, method=method_name(self.method), reference=ref, whiten_advantages=whiten_adv
+        )
+
+    def validate(self, v: Violations, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
+        v.check(bool(self.policy.model), f"{p}policy.model", "is required")
+        v.check(1 <= self.ppo_epochs <= 100, f"{p}ppo_epochs", "must be between 1 and 100")
+        v.check(self.minibatch_size >= 1, f"{p}minibatch_size", "must be >= 1")
+        v.check(
+            self.minibatch_size <= self.rollout.batch_size,
+            f"{p}minibatch_size",
+            f"{self.minibatch_size} is larger than the rollout batch "
+            f"({self.rollout.batch_size} prompts)",
+        )
+        v.check(0 < self.gamma <= 1, f"{p}gamma", "must be in (0, 1]")
+        v.check(0 <= self.lam <= 1, f"{p}lam", "must be in [0, 1]")
+        v.check(self.clip_range > 0, f"{p}clip_range", "must be > 0")
+        v.check(self.clip_range_value > 0, f"{p}clip_range_value", "must be > 0")
+        v.check(self.vf_coef >= 0, f"{p}vf_coef", "must be >= 0")
+        v.check(self.init_kl_coef >= 0, f"{p}init_kl_coef", "must be >= 0")
+        v.check(self.kl_target > 0, f"{p}kl_target", "must be > 0")
+        v.check(self.kl_horizon > 0, f"{p}kl_horizon", "must be > 0")
+        self.reward.check(v, f"{p}reward")
+        check_prompt_format(v, self.dataset, p)
+        check_single_process(v, self.resources, p)
+
+
+def check_prompt_format(v: Violations, dataset: DatasetSettings, p: str) -> None:
+    v.check(
+        dataset.format in ("", "prompt"),
+        f"{p}dataset.format",
+        "rollouts need prompt rows ({'prompt': ...})",
+    )
+
+
+def check_single_process(v: Violations, resources: ResourcesSettings, p: str) -> None:
+    # Rollout-based trainers do not average gradients or the KL statistic across ranks yet.
+    v.check(
+        resources.num_processes <= 1,
+        f"{p}resources.num_processes",
+        "PPO and GRPO run as one process for now (reward models and DPO can use more)",
+    )
+
+
+# ---- pieces shared with GRPO ----
+
+
+def reward_fn(source: RewardSourceSettings, tokenizer: Any, dtype: str) -> RewardFn:
+    if source.reward_function:
+        return parse_reward_function(
+            source.reward_function, tokenizer, "spec.reward.reward_function"
+        )
+    scorer = RewardModelScorer.load(source.reward_model.model, dtype=dtype)
+    return scorer.as_reward_fn()
+
+
+def make_update(model: nn.Module, loss_fn: Callable, optimizer, clip_norm: float):
+    """A compiled optimizer step on one minibatch: (loss, metrics)."""
+    state = [model.state, optimizer.state, mx.random.state]
+    vg = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch):
+        (loss, metrics), grads = vg(model, batch)
+        if clip_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, clip_norm)
+        optimizer.update(model, grads)
+        return loss, metrics
+
+    def run(batch: dict[str, mx.array]) -> tuple[float, dict[str, float]]:
+        loss, metrics = step(batch)
+        mx.eval(state, loss, metrics)
+        return loss.item(), {k: v.item() for k, v in metrics.items()}
+
+    return run, state
+
+
+def minibatches(n: int, size: int, seed: int, step: int, epoch: int) -> list[np.ndarray]:
+    """A fresh shuffle per (step, epoch), a pure function of them: resumes replay it."""
+    order = np.random.default_rng([seed % 2**63, step, epoch]).permutation(n)
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+def take(batch: dict[str, mx.array], idx: np.ndarray) -> dict[str, mx.array]:
+    rows = mx.array(idx.astype(np.int32))
+    return {k: v[rows] for k, v in batch.items()}
+
+
+@dataclass
+class Sampled:
+    batch: dict[str, mx.array]  # pack() arrays
+    ids: list[list[int]]  # completion ids, end-of-sequence stripped
+    texts: list[str]
+    prompts: list[Any]  # the raw prompt of each row (repeated per group)
+    seconds: float
+
+
+def sample(
+    policy: Policy, rollout: RolloutSettings, rng: RolloutRNG, prompt_batch: dict, group: int = 1
+) -> Sampled:
+    """Generate ``group`` completions per prompt of a PromptBatches batch."""
+    tic = time.perf_counter()
+    tokens = [p for p in prompt_batch["tokens"] for _ in range(group)]
+    raw = [p for p in prompt_batch["prompts"] for _ in range(group)]
+    eos = eos_ids(policy.tokenizer)
+    out = generate(
+        policy.model,
+        tokens,
+        rollout.sampling,
+        rng.next(),
+        eos_ids=eos,
+        pad_id=pad_id(policy.tokenizer),
+        tokenizer=policy.tokenizer,
+    )
+    ids = [strip_eos(c, eos) for c in out.completion_ids]
+    texts = [policy.tokenizer.decode(c) for c in ids]
+    batch = pack(out.prompt_ids, out.completion_ids, pad_id(policy.tokenizer))
+    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic)
+
+
+def reference_logps(reference: nn.Module, batch: dict, temperature: float) -> mx.array:
+    logits = completion_logits(reference(batch["inputs"]), batch, temperature)
+    return mx.stop_gradient(token_logps(logits, batch["tokens"]))
+
+
+def prompt_data(cfg, tokenizer, world) -> Any:
+    """Prompt batches over every prompt row: rollouts hold nothing out for validation."""
+    loop = cfg.loop
+    ref = {**cfg.dataset.to_dict(), "valid_fraction": 0.0, "valid_path": ""}
+    data = datasets.prepare(
+        ref,
+        tokenizer,
+        allowed_formats=("prompt",),
+        max_seq_length=loop.max_seq_length,  # prompts keep their last tokens
+        mask_prompt=None,
+        seed=loop.seed,
+    )
+    return data.batches(
+        "train",
+        cfg.rollout.batch_size,
+        seed=loop.seed,
+        rank=world.rank(),
+        world_size=world.size(),
+        field="spec.rollout.batch_size",
+    )
+
+
+# ---- PPO ----
+
+
+def make_loss(cfg: PPOConfig) -> Callable:
+    temp = cfg.rollout.sampling.temperature
+
+    def loss_fn(model: nn.Module, mb: dict[str, mx.array]):
+        logits, values = heads.logits_and_values(model, mb["inputs"])
+        lg = completion_logits(logits, mb, temp)
+        logps = token_logps(lg, mb["tokens"])
+        v = gather_positions(values, mb["positions"])
+        mask = mb["mask"]
+        pg, pg_stats = ppo_policy_loss(
+            logps, mb["old_logps"], mb["advantages"], mask, cfg.clip_range
+        )
+        vf, vf_stats = ppo_value_loss(
+            v, mb["old_values"], mb["returns"], mask, cfg.clip_range_value
+        )
+        metrics = {"policy_loss": pg, "value_loss": vf, **pg_stats, **vf_stats}
+        return pg + cfg.vf_coef * vf, {k: aux(x) for k, x in metrics.items()}
+
+    return loss_fn
+
+
+def run(config: dict, ctx: JobContext) -> CheckpointInfo:
+    cfg = PPOConfig.from_dict(config, prefix="spec")
+    loop = cfg.loop
+    world = mx.distributed.init()
+    mx.random.seed(loop.seed)
+    temp = cfg.rollout.sampling.temperature
+
+    policy = load_policy(cfg.policy, cfg.method, cfg.lora, loop.dtype)
+    heads.attach_head(policy.model, seed=loop.seed)
+    model, tokenizer = policy.model, policy.tokenizer
+    reference, ref_cfg = load_reference(cfg.reference, cfg.policy, loop.dtype)
+    score = reward_fn(cfg.reward, tokenizer, loop.dtype)
+    prompts = prompt_data(cfg, tokenizer, world)
+    total = loop.max_steps or loop.epochs * prompts.steps_per_epoch
+    n_mb = math.ceil(cfg.rollout.batch_size / cfg.minibatch_size)
+    optimizer = build_optimizer(cfg.optimizer, total * cfg.ppo_epochs * n_mb)
+    optimizer.init(model.trainable_parameters())
+    kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+    seed = loop.seed if cfg.rollout.sampling.seed is None else cfg.rollout.sampling.seed
+    extra = RLState(RolloutRNG(seed), kl_ctl)
+    resolved = {"trainer": "ppo", **cfg.to_dict(), "resolved_reference": ref_cfg}
+    ckpt = Checkpointer(
+        ctx, policy, optimizer, prompts, extra, resolved, "value", loop.keep_last_checkpoints
+    )
+    progress = ckpt.restore()
+    update, _ = make_update(model, make_loss(cfg), optimizer, cfg.optimizer.grad_clip_norm)
+    prompt_iter = iter(prompts)
+
+    def one_step(step: int) -> tuple[dict[str, float], int]:
+        got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter))
+        batch, ids, t_gen = got.batch, got.ids, got.seconds
+        tic = time.perf_counter()
+        scores = mx.array(score(got.prompts, ids, got.texts), mx.float32)
+        t_reward = time.perf_counter() - tic
+        tic = time.perf_counter()
+        model.eval()
+        logits, values = heads.logits_and_values(model, batch["inputs"])
+        lg = completion_logits(logits, batch, temp)
+        old_logps = mx.stop_gradient(token_logps(lg, batch["tokens"]))
+        old_values = mx.stop_gradient(gather_positions(values, batch["positions"]))
+        ent = masked_mean(entropy(lg), batch["mask"])
+        ref = reference_logps(reference, batch, temp)
+        model.train()
+        mask = batch["mask"]
+        kl_coef = kl_ctl.value
+        rewards, kl = kl_penalised_rewards(scores, old_logps, ref, mask, kl_coef)
+        adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, mask)
+        seq_kl = kl.sum(axis=1).mean()
+        mx.eval(old_logps, old_values, adv, returns, seq_kl, ent)
+        t_score = time.perf_counter() - tic + t_reward
+
+        tic = time.perf_counter()
+        data = {**batch, "old_logps": old_logps, "old_values": old_values}
+        data.update(advantages=adv, returns=returns)
+        sums: dict[str, float] = {}
+        n = 0
+        for epoch in range(cfg.ppo_epochs):
+            for idx in minibatches(len(ids), cfg.minibatch_size, loop.seed, step, epoch):
+                mx.random.seed((loop.seed * 1_000_003 + step * 1009 + n) % 2**63)
+                loss, m = update(take(data, idx))
+                for k, v in {"loss": loss, **m}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+        t_update = time.perf_counter() - tic
+        kl_ctl.update(seq_kl.item(), len(ids) * world.size())
+        metrics = {k: v / n for k, v in sums.items()}
+        metrics.update(
+            reward_mean=scores.mean().item(),
+            reward_std=float(np.std(np.array(scores))),
+            kl=seq_kl.item(),
+            kl_coef=kl_coef,
+            entropy=ent.item(),
+            returns_mean=masked_mean(returns, mask).item(),
+            completion_length=mask.sum(axis=1).mean().item(),
+            learning_rate=learning_rate(optimizer),
+            time_generation=t_gen,
+            time_scoring=t_score,
+            time_update=t_update,
+        )
+        return metrics, int(mask.sum().item())
+
+    outer_loop(ctx, loop, total, progress, ckpt, one_step)
+    return finish(ctx, ckpt, progress, policy.kind)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, sys.argv[1:] if argv is None else argv, __name__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""Reward model: a scalar head on a base LM, trained on preference pairs (Bradley-Terry).
+
+``run(config, ctx)`` takes a resolved RewardModelSpec dict::
+
+    {"model": {"model": "/path", "adapter_path": ""}, "dataset": {"path": "prefs.jsonl"},
+     "method": "lora", "lora": {...}, "optimizer": {...}, "loop": {...},
+     "use_margin": false, "center_rewards_coef": 0.0}
+
+The reward of a (prompt, answer) is the head's output at the last token. The loss is
+``-log sigmoid(r_chosen - r_rejected [- margin])`` (+ centering), trained with the shared
+loop; the checkpoint is the LM (adapter or full) plus ``value_head.safetensors``.
+
+    uv run python -m services.rlhf.trainers.reward_model config.json /tmp/rm-out
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from services.rlhf.trainers import evaluate_metrics, heads, load_policy, run_cli, write_policy
+from services.rlhf.trainers.losses import aux, bradley_terry_loss
+from services.runtime import checkpoints, datasets
+from services.runtime.adapters import LoraSettings
+from services.runtime.contract import CheckpointInfo, JobContext
+from services.runtime.errors import Violations
+from services.runtime.loop import (
+    Artifact,
+    DatasetSettings,
+    LoopSettings,
+    ModelSettings,
+    ResourcesSettings,
+    sub,
+    train,
+)
+from services.runtime.optim import DictConfig, OptimizerSettings, zero_default
+
+METHODS = ("full", "lora", "dora", "qlora")
+
+
+def method_name(raw: str) -> str:
+    return raw.lower().removeprefix("finetune_method_")
+
+
+def default_lr(data: dict) -> dict:
+    """1e-5 for full fine-tuning, 1e-4 for adapters (as SFT), unless given."""
+    data = dict(data or {})
+    opt = dict(data.get("optimizer") or {})
+    if not opt.get("learning_rate"):
+        opt["learning_rate"] = 1e-5 if method_name(data.get("method") or "") == "full" else 1e-4
+    data["optimizer"] = opt
+    return data
+
+
+@dataclass(frozen=True)
+class RewardModelConfig(DictConfig):
+    model: ModelSettings = sub(ModelSettings)
+    dataset: DatasetSettings = sub(DatasetSettings)
+    method: str = zero_default("lora")
+    lora: LoraSettings = sub(LoraSettings)
+    optimizer: OptimizerSettings = sub(OptimizerSettings)
+    loop: LoopSettings = sub(LoopSettings)
+    resources: ResourcesSettings = sub(ResourcesSettings)
+    use_margin: bool = False
+    center_rewards_coef: float = 0.0
+    output_name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> RewardModelConfig:
+        return super().from_dict(default_lr(data or {}), prefix=prefix)
+
+    def resolve(self) -> RewardModelConfig:
+        return dataclasses.replace(self, method=method_name(self.method))
+
+    def validate(self, v: Violations, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
+        v.check(bool(self.model.model), f"{p}model.model", "is required")
+        v.check(self.center_rewards_coef >= 0, f"{p}center_rewards_coef", "must be >= 0")
+        v.check(
+            self.dataset.format in ("", "preference"),
+            f"{p}dataset.format",
+            "a reward model trains on preference rows (prompt, chosen, rejected)",
+        )
+
+
+def make_loss(use_margin: bool, center_coef: float):
+    def loss_fn(model: nn.Module, batch: dict[str, mx.array]):
+        r = heads.rewards(model, batch["inputs"], batch["lengths"])
+        b = r.shape[0] // 2
+        # Empty rows pad the last validation batch: they are no pairs.
+        real = (batch["lengths"][:b] > 0).astype(mx.float32)
+        margin = batch.get("margin") if use_margin else None
+        loss, metrics = bradley_terry_loss(r[:b], r[b:], margin, center_coef, mask=real)
+        return loss, aux(real.sum()), {k: aux(v) for k, v in metrics.items()}
+
+    return loss_fn
+
+
+def run(config: dict, ctx: JobContext) -> CheckpointInfo:
+    cfg = RewardModelConfig.from_dict(config, prefix="spec")
+    loop, opt = cfg.loop, cfg.optimizer
+    world = mx.distributed.init()
+    mx.random.seed(loop.seed)
+
+    policy = load_policy(cfg.model, cfg.method, cfg.lora, loop.dtype, field="spec.model")
+    heads.attach_head(policy.model, seed=loop.seed)
+    model, tokenizer = policy.model, policy.tokenizer
+
+    data = datasets.prepare(
+        cfg.dataset.to_dict(),
+        tokenizer,
+        allowed_formats=("preference",),
+        max_seq_length=loop.max_seq_length,
+        mask_prompt=True,
+        seed=loop.seed,
+    )
+    ctx.log(f"reward model: {data.stats.rows} training pairs, {data.stats.valid_rows} held out")
+    dp = {"rank": world.rank(), "world_size": world.size()}
+    train_batches = data.batches("train", loop.micro_batch_size, seed=loop.seed, **dp)
+    valid_batches = None
+    if data.valid and loop.steps_per_eval != -1:
+        limit = None if loop.val_batches < 0 else loop.val_batches
+        valid_batches = data.batches(
+            "valid", loop.micro_batch_size, seed=loop.seed, shuffle=False, limit=limit, **dp
+        )
+
+    artifact = Artifact(
+        kind=policy.kind,
+        write=lambda dst: write_policy(dst, policy, head_kind="reward"),
+        base_model=policy.base,
+        config={"trainer": "reward_model", **cfg.to_dict()},
+    )
+    loss_fn = make_loss(cfg.use_margin, cfg.center_rewards_coef)
+    result = train(model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact)
+
+    metrics = dict(result.metrics)
+    if valid_batches is not None:
+        metrics.update(evaluate_metrics(model, loss_fn, valid_batches))
+    if result.checkpoint is None:  # a non-main rank of a data-parallel job
+        return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, policy.kind, result.step)
+    final = checkpoints.publish(result.checkpoint.path, Path(ctx.output_dir), metrics)
+    ctx.checkpoint_written(final)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, sys.argv[1:] if argv is None else argv, __name__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

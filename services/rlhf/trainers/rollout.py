@@ -1,0 +1,250 @@
+"""Batched local sampling for PPO / GRPO rollouts: token ids and log-probs, reproducibly.
+
+Prompts of different lengths are left-padded into mlx-lm's batch KV caches (the same
+caches its ``batch_generate`` uses), so one forward per new token serves the whole batch.
+Sampling draws from an explicit ``mx.random`` key rather than the global RNG: the key is
+the whole RNG state, is saved in every checkpoint, and a resumed run samples exactly the
+completions an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.generate import _merge_caches
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+from services.runtime.errors import Violations
+from services.runtime.optim import DictConfig, zero_default
+
+
+@dataclass(frozen=True)
+class RolloutSampling(DictConfig):
+    """Mirrors SamplingParams. Rollouts must sample, so temperature 0 ("unset") means 1.0."""
+
+    temperature: float = zero_default(1.0)
+    top_p: float = 0.0
+    top_k: int = 0
+    max_tokens: int = zero_default(128)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # None: the loop's seed
+    repetition_penalty: float = 0.0
+
+    def validate(self, v: Violations, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        v.check(0 < self.temperature <= 10, f"{p}temperature", "must be in (0, 10]")
+        v.check(0 <= self.top_p <= 1, f"{p}top_p", "must be in [0, 1]")
+        v.check(self.top_k >= 0, f"{p}top_k", "must be >= 0")
+        v.check(1 <= self.max_tokens <= 4096, f"{p}max_tokens", "must be between 1 and 4096")
+        v.check(all(self.stop), f"{p}stop", "stop strings must be non-empty")
+        v.check(
+            self.repetition_penalty in (0.0, 1.0),
+            f"{p}repetition_penalty",
+            "is not supported in rollouts (it would bias the policy's log-probs)",
+        )
+
+
+@dataclass(frozen=True)
+class RolloutSettings(DictConfig):
+    """Mirrors RolloutConfig."""
+
+    batch_size: int = zero_default(8)  # prompts per rollout batch
+    sampling: RolloutSampling = dataclasses.field(default_factory=RolloutSampling)
+    endpoint: str = ""
+
+    def validate(self, v: Violations, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        v.check(1 <= self.batch_size <= 4096, f"{p}batch_size", "must be between 1 and 4096")
+        v.check(
+            not self.endpoint,
+            f"{p}endpoint",
+            "remote generation endpoints are not supported by the trainers yet; leave it "
+            "empty for local batched generation",
+        )
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    # log p(token) under the (temperature-scaled, untruncated) sampling distribution.
+    logprobs: list[list[float]]
+    # True when the completion ended with an end-of-sequence token or a stop string.
+    finished: list[bool]
+
+
+class RolloutRNG:
+    """A splittable key; ``state()`` is two uint32s, enough to continue the same stream."""
+
+    def __init__(self, seed: int) -> None:
+        self.key = mx.random.key(int(seed) % 2**63)
+
+    def next(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def state(self) -> dict:
+        return {"key": [int(x) for x in self.key.tolist()]}
+
+    def restore(self, state: dict) -> None:
+        self.key = mx.array(state["key"], dtype=mx.uint32)
+
+
+def _sample(logits: mx.array, s: RolloutSampling, key: mx.array) -> tuple[mx.array, mx.array]:
+    logits = logits.astype(mx.float32)
+    if s.temperature <= 0:
+        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tok = mx.argmax(logp, axis=-1)
+    else:
+        scaled = logits / s.temperature
+        logp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+        filtered = logp
+        if 0 < s.top_k < logp.shape[-1]:
+            filtered = apply_top_k(filtered, s.top_k)
+        if 0 < s.top_p < 1:
+            filtered = apply_top_p(filtered, s.top_p)
+        tok = mx.random.categorical(filtered, key=key)
+    return tok, mx.take_along_axis(logp, tok[:, None], axis=-1).squeeze(-1)
+
+
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    sampling: RolloutSampling,
+    key: mx.array,
+    *,
+    eos_ids: set[int] | frozenset[int],
+    pad_id: int = 0,
+    tokenizer=None,
+) -> Rollout:
+    """Sample one completion per prompt (repeat a prompt in ``prompts`` for a group).
+
+    The completion ends after the first end-of-sequence token (kept: learning to stop is
+    part of the policy) or at ``max_tokens``; with ``sampling.stop`` and a tokenizer it is
+    cut before the first stop string.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every rollout prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        ids, lps, done = _decode(model, prompts, sampling, key, eos_ids, pad_id)
+    finally:
+        model.train(was_training)
+    completions, logprobs, finished = [], [], []
+    for r in range(len(prompts)):
+        toks, lp = ids[r], lps[r]
+        stop_at = next((i for i, t in enumerate(toks) if t in eos_ids), None)
+        if stop_at is not None:
+            toks, lp = toks[: stop_at + 1], lp[: stop_at + 1]
+        hit = stop_at is not None
+        if sampling.stop and tokenizer is not None:
+            cut = _stop_cut(tokenizer, toks, sampling.stop)
+            if cut is not None:
+                toks, lp, hit = toks[:cut], lp[:cut], True
+        completions.append(toks)
+        logprobs.append(lp)
+        finished.append(hit)
+    return Rollout([list(p) for p in prompts], completions, logprobs, finished)
+
+
+def _decode(model, prompts, sampling, key, eos_ids, pad_id):
+    B = len(prompts)
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]
+    batch = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts, strict=True)])
+    cache = _merge_caches([make_prompt_cache(model) for _ in range(B)])
+    for c in cache:
+        c.prepare(left_padding=pads)
+    logits = model(batch, cache=cache)[:, -1, :]
+    eos = mx.array(sorted(eos_ids) or [-1])
+    toks, lps = [], []
+    done = mx.zeros((B,), dtype=mx.bool_)
+    for _ in range(sampling.max_tokens):
+        key, sub = mx.random.split(key)
+        tok, lp = _sample(logits, sampling, sub)
+        done = done | (tok[:, None] == eos[None, :]).any(axis=1)
+        mx.eval(tok, lp, done)
+        toks.append(tok)
+        lps.append(lp)
+        if done.all().item():
+            break
+        logits = model(tok[:, None], cache=cache)[:, -1, :]
+    ids = mx.stack(toks, axis=1).tolist()
+    logprobs = mx.stack(lps, axis=1).tolist()
+    return ids, logprobs, done.tolist()
+
+
+def _stop_cut(tokenizer, toks: list[int], stops: tuple[str, ...]) -> int | None:
+    """Smallest token count whose decoded text contains a stop string; that token and the
+    rest are dropped (the stop string's tokens included)."""
+    text = tokenizer.decode(toks)
+    if not any(s in text for s in stops):
+        return None
+    for n in range(1, len(toks) + 1):
+        if any(s in tokenizer.decode(toks[:n]) for s in stops):
+            return n - 1
+    return None
+
+
+# -- from rollouts to training arrays ----------------------------------------------------------
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def pack(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, multiple: int = 32
+) -> dict[str, mx.array]:
+    """Prompt + completion rows for one forward pass, with completion-aligned indices.
+
+    ``inputs`` / ``targets`` are ``[B, L]`` (right-padded; L a multiple of ``multiple`` so a
+    compiled step sees few shapes). ``positions [B, T]`` holds, for completion token j, the
+    index of the input position whose logits predict it (and whose hidden state is the value
+    of that state); ``tokens [B, T]`` the completion tokens; ``mask [B, T]`` 1 on real ones.
+    """
+    rows = [p + c for p, c in zip(prompts, completions, strict=True)]
+    L = _round_up(max(len(r) for r in rows) - 1, multiple)
+    T = _round_up(max(max((len(c) for c in completions), default=1), 1), 16)
+    B = len(rows)
+    seq = np.full((B, L + 1), pad_id, np.int32)
+    pos = np.zeros((B, T), np.int32)
+    tok = np.full((B, T), pad_id, np.int32)
+    mask = np.zeros((B, T), np.float32)
+    for r, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        seq[r, : len(p) + len(c)] = p + c
+        n = len(c)
+        pos[r, :n] = np.arange(len(p) - 1, len(p) - 1 + n)
+        tok[r, :n] = c
+        mask[r, :n] = 1.0
+    return {
+        "inputs": mx.array(seq[:, :-1]),
+        "targets": mx.array(seq[:, 1:]),
+        "positions": mx.array(pos),
+        "tokens": mx.array(tok),
+        "mask": mx.array(mask),
+    }
+
+
+def gather_positions(x: mx.array, positions: mx.array) -> mx.array:
+    """``x[b, positions[b, j]]`` for ``x [B, L, ...]`` -> ``[B, T, ...]``."""
+    idx = positions
+    while idx.ndim < x.ndim:
+        idx = idx[..., None]
+    return mx.take_along_axis(x, idx, axis=1)
+
+
+def completion_logits(logits: mx.array, batch: dict[str, mx.array], temperature: float):
+    """The logits that predicted each completion token, scaled as they were sampled."""
+    lg = gather_positions(logits, batch["positions"]).astype(mx.float32)
+    return lg / temperature if temperature > 0 else lg
+
+
+def strip_eos(ids: list[int], eos_ids) -> list[int]:
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
