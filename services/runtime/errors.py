@@ -45,9 +45,9 @@ class Unavailable(ServiceError):
 class Violations:
     """Collects violations while validating a whole request, so the caller hears all at once.
 
-        v = Violations()
-        v.check(lr > 0, "spec.optimizer.learning_rate", "must be > 0")
-        v.raise_if_any()
+    v = Violations()
+    v.check(lr > 0, "spec.optimizer.learning_rate", "must be > 0")
+    v.raise_if_any()
     """
 
     def __init__(self) -> None:

@@ -53,7 +53,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, service: str, **overrides: object) -> Settings:
-        home = Path(os.environ.get("MLXU_HOME", "~/.mlxu")).expanduser().resolve()
+        home_raw = overrides.pop("home", None) or os.environ.get("MLXU_HOME", "~/.mlxu")
+        home = Path(str(home_raw)).expanduser().resolve()
         env_port = os.environ.get(f"MLXU_{service.upper()}_PORT")
         endpoints = {
             name: os.environ.get(f"MLXU_{name.upper()}_ADDR", f"127.0.0.1:{port}")
