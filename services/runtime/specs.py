@@ -1,5 +1,9 @@
 """Proto specs -> plain config dicts for trainers, plus the range checks every service shares.
 
+The trainers' own config classes (services.runtime.loop / optim / adapters) are the source
+of truth for field rules; the checks here only add bounds on absurd values (a batch of a
+million, a learning rate of 50) so they are refused at the edge with the proto field name.
+
 Proto3 "zero means default": only fields that are set (non-zero, or present for `optional`)
 appear in the dict, so a trainer's config dataclass fills its own defaults in one place.
 Enum values become short lowercase names (OPTIMIZER_NAME_ADAMW -> "adamw").
@@ -62,18 +66,22 @@ def check_loop(v: Violations, loop: Message, prefix: str) -> None:
     v.check(0 <= loop.max_steps <= 10_000_000, f"{prefix}.max_steps", "must be 0..10,000,000")
     v.check(0 <= loop.epochs <= 1000, f"{prefix}.epochs", "must be 0..1000")
     v.check(
-        loop.max_seq_length == 0 or 16 <= loop.max_seq_length <= 131072,
+        loop.max_seq_length == 0 or 8 <= loop.max_seq_length <= 131072,
         f"{prefix}.max_seq_length",
-        "must be between 16 and 131072",
+        "must be between 8 and 131072",
     )
     v.check(loop.steps_per_report >= 0, f"{prefix}.steps_per_report", "must be >= 0")
     v.check(loop.steps_per_eval >= -1, f"{prefix}.steps_per_eval", "must be >= -1")
     v.check(loop.val_batches >= -1, f"{prefix}.val_batches", "must be >= -1")
-    v.check(loop.steps_per_checkpoint >= 0, f"{prefix}.steps_per_checkpoint", "must be >= 0")
     v.check(
-        0 <= loop.keep_last_checkpoints <= 100,
+        loop.steps_per_checkpoint >= -1,
+        f"{prefix}.steps_per_checkpoint",
+        "must be >= 1, or -1 (only at the end)",
+    )
+    v.check(
+        -1 <= loop.keep_last_checkpoints <= 100,
         f"{prefix}.keep_last_checkpoints",
-        "must be 0..100",
+        "must be 1..100, or -1 (keep all)",
     )
     v.check(
         loop.dtype in ("", "float32", "bfloat16", "float16"),
