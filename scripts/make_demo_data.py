@@ -1,4 +1,9 @@
-"""Write examples/data/mlxu_faq/{train,valid}.jsonl: a small chat dataset about this platform.
+"""Write the demo datasets about this platform:
+
+examples/data/mlxu_faq/{train,valid}.jsonl        chat rows (SFT)
+examples/data/mlxu_faq_prefs/{train,valid}.jsonl  preference rows (DPO): the chosen answer
+                                                  is the right one, the rejected one is the
+                                                  answer to a different question
 
 Each fact is asked several ways; some phrasings of every fact are held out for validation,
 so validation loss measures whether the model learned the facts, not the exact questions.
@@ -122,6 +127,29 @@ def main() -> None:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     print(f"{len(train)} train, {len(valid)} valid rows -> {out}")
+    held_out = {r["messages"][1]["content"] for r in valid}
+    write_preferences(rng, out.parent / "mlxu_faq_prefs", held_out)
+
+
+def write_preferences(rng: random.Random, out: Path, held_out: set[str]) -> None:
+    """The same questions held out as for SFT, so the demo's held-out question is unseen."""
+    train, valid = [], []
+    for i, (questions, answer) in enumerate(FACTS):
+        for q in questions:
+            wrong = FACTS[(i + 1 + rng.randrange(len(FACTS) - 1)) % len(FACTS)][1]
+            row = {
+                "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                "chosen": answer,
+                "rejected": wrong,
+            }
+            (valid if q in held_out else train).append(row)
+    rng.shuffle(train)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("valid", valid)):
+        with open(out / f"{name}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print(f"{len(train)} train, {len(valid)} valid preference rows -> {out}")
 
 
 if __name__ == "__main__":
