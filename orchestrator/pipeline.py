@@ -27,6 +27,8 @@ spec; the scheduler replaces it with the checkpoint when the source stage has fi
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -136,10 +138,26 @@ def ref_at(spec: Message, target: str, create: bool = False) -> cpb.ModelRef:
 
 
 def ref_for(ckpt: cpb.Checkpoint) -> cpb.ModelRef:
-    """How a stage consumes an earlier stage's checkpoint."""
-    if ckpt.kind == cpb.CHECKPOINT_KIND_ADAPTER and ckpt.base_model:
-        return cpb.ModelRef(model=ckpt.base_model, adapter_path=ckpt.path)
-    return cpb.ModelRef(model=ckpt.path)
+    """How a stage consumes an earlier stage's checkpoint: an adapter as
+    ``{model: its base, adapter_path: ckpt}`` (the base from the checkpoint, else from its
+    adapter_config.json), a full model as ``{model: ckpt}``."""
+    adapter_config = os.path.join(ckpt.path, "adapter_config.json")
+    is_adapter = ckpt.kind == cpb.CHECKPOINT_KIND_ADAPTER or (
+        ckpt.kind == cpb.CHECKPOINT_KIND_UNSPECIFIED and os.path.isfile(adapter_config)
+    )
+    if not is_adapter:
+        return cpb.ModelRef(model=ckpt.path)
+    base = ckpt.base_model
+    if not base:
+        try:
+            with open(adapter_config) as f:
+                base = str(json.load(f).get("base_model") or "")
+        except (OSError, ValueError, AttributeError):
+            base = ""
+    # No base known: the consuming service rejects the path with a clear message.
+    return (
+        cpb.ModelRef(model=base, adapter_path=ckpt.path) if base else cpb.ModelRef(model=ckpt.path)
+    )
 
 
 @dataclass(frozen=True)

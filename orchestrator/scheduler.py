@@ -415,13 +415,18 @@ class Scheduler:
                     failures = 0
                     self.store.relay(ctx.run_id, sp.name, att.number, ev, job)
                     after = max(after, ev.seq)
-                    if job.state in JOB_TERMINAL:
+                    # ``job`` is the job as it is now, not as of ``ev`` (a replay of a
+                    # finished job carries the final snapshot on every event): only the
+                    # terminal state change, always the job's last event, ends the relay.
+                    if ev.WhichOneof("payload") == "state_change" and (
+                        ev.state_change.to_state in JOB_TERMINAL
+                    ):
                         return job
                 job = await self.backend.get(kind, att.job_id)
-                if job.state in JOB_TERMINAL:
-                    return job
-                if after == seen:  # the stream closed early with nothing new: don't spin
-                    await asyncio.sleep(self.config.retry.initial_delay)
+                if after == seen:  # the stream closed with nothing new
+                    if job.state in JOB_TERMINAL:
+                        return job
+                    await asyncio.sleep(self.config.retry.initial_delay)  # don't spin
             except NotFound:
                 return None
             except Unavailable as e:

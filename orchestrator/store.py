@@ -4,7 +4,9 @@ Every state change and the RunEvent that reports it are written in one transacti
 events carry a contiguous ``seq`` from 1 per run. Relayed job events are deduplicated by
 (stage, attempt, job seq), so re-watching a service after a reconnect never repeats one.
 ``watch`` replays stored events then tails new ones (an asyncio notification wakes tails
-in this process). Create-pipeline and run are idempotent on ``request_id``.
+in this process); the newest events of recently active runs are also kept in memory, so a
+caught-up watcher is served without a database read (many watchers on one run cost one
+write, not one read each). Create-pipeline and run are idempotent on ``request_id``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,12 +162,53 @@ class _Notifier:
                 loop.call_soon_threadsafe(ev.set)
 
 
+class _Tail:
+    """The newest committed events of the most recently active runs, in memory.
+
+    Holds a contiguous run of seqs per run (what this process appended since it started);
+    ``after`` answers from memory only when that covers the watcher's position.
+    """
+
+    def __init__(self, per_run: int = 1024, runs: int = 64) -> None:
+        self._per_run, self._runs = per_run, runs
+        self._events: OrderedDict[str, deque[opb.RunEvent]] = OrderedDict()
+
+    def add(self, events: list[opb.RunEvent]) -> None:
+        for ev in events:
+            q = self._events.get(ev.run_id)
+            if q is None or (q and q[-1].seq + 1 != ev.seq):
+                q = self._events[ev.run_id] = deque(maxlen=self._per_run)
+            q.append(ev)
+            self._events.move_to_end(ev.run_id)
+        while len(self._events) > self._runs:
+            self._events.popitem(last=False)
+
+    def after(self, run_id: str, seq: int) -> list[opb.RunEvent] | None:
+        """Events with seq > ``seq`` (maybe none), or None when memory cannot tell."""
+        q = self._events.get(run_id)
+        if not q or q[0].seq > seq + 1 or q[-1].seq < seq:
+            return None
+        return [ev for ev in q if ev.seq > seq] if q[-1].seq > seq else []
+
+    def last(self, run_id: str) -> opb.RunEvent | None:
+        q = self._events.get(run_id)
+        return q[-1] if q else None
+
+
+def _ends_run(ev: opb.RunEvent) -> bool:
+    return ev.WhichOneof("payload") == "run_state_change" and (
+        ev.run_state_change.to_state in RUN_TERMINAL
+    )
+
+
 class Store:
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
         self._notifier = _Notifier()
+        self._tail = _Tail()
+        self._pending: list[opb.RunEvent] = []  # appended by the open transaction
         for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000"):
             self._db.execute(f"PRAGMA {pragma}")
         self._db.executescript(_SCHEMA)
@@ -176,12 +220,16 @@ class Store:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            self._pending = []
             try:
                 yield self._db
             except BaseException:
+                self._pending = []
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._tail.add(self._pending)  # only committed events are ever served
+            self._pending = []
 
     def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
         with self._lock:
@@ -559,6 +607,7 @@ class Store:
             (run_id, seq, relay.get("stage"), relay.get("attempt"), relay.get("job_seq"),
              ev.SerializeToString()),
         )  # fmt: skip
+        self._pending.append(ev)
         return ev
 
     def events(self, run_id: str, after_seq: int = 0, limit: int = 1000) -> list[opb.RunEvent]:
@@ -577,14 +626,22 @@ class Store:
         while True:
             waiter = self._notifier.subscribe(run_id)  # before reading: no lost wake-up
             try:
-                # Terminal state and its event commit together: read the state first.
-                row = self._one("SELECT state FROM runs WHERE run_id=?", run_id)
-                ended = row is not None and row["state"] in RUN_TERMINAL
-                batch = self.events(run_id, seq)
+                with self._lock:  # a consistent view: no transaction commits in between
+                    batch = self._tail.after(run_id, seq)
+                    if batch is not None:
+                        # Nothing is appended after a run's terminal event.
+                        last = batch[-1] if batch else self._tail.last(run_id)
+                        ended = last is not None and _ends_run(last)
+                    else:
+                        # Terminal state and its event commit together: read the state first.
+                        row = self._one("SELECT state FROM runs WHERE run_id=?", run_id)
+                        ended = row is not None and row["state"] in RUN_TERMINAL
+                        batch = self.events(run_id, seq)
+                        ended = ended and len(batch) < 1000
                 for ev in batch:
                     seq = ev.seq
                     yield ev
-                if ended and len(batch) < 1000:
+                if ended:
                     return
                 if not batch:
                     await waiter[1].wait()

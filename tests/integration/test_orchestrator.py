@@ -1,5 +1,7 @@
-"""The orchestrator driving the real training service on loopback: SFT -> SFT pipelines on
-the tiny model, WatchRun, cancel, kill -9 of either process, and bad input."""
+"""The orchestrator driving real trainer services on loopback, on the tiny model: SFT -> SFT
+hand-off (by path and sha256), WatchRun, cache, cancel, kill -9 of the orchestrator or of the
+training service, SIGTERM, bad input with nothing stored, API keys, auto_configure facts,
+SFT -> DPO across two services, and the gRPC stage backend on its own."""
 
 from __future__ import annotations
 
@@ -61,8 +63,8 @@ def pipeline_spec(model: Path, data: Path, *stages: opb.Stage) -> opb.PipelineSp
     )
 
 
-def client_for(orchestrator: str, training: str = "") -> MLXUClient:
-    addrs = {"orchestrator": orchestrator, "training": training or "127.0.0.1:1"}
+def client_for(orchestrator: str, training: str = "", **more: str) -> MLXUClient:
+    addrs = {"orchestrator": orchestrator, "training": training or "127.0.0.1:1", **more}
     return MLXUClient(addresses=addrs, timeout=30, reconnect_timeout=60)
 
 
@@ -78,6 +80,21 @@ def progress_steps(events: list[opb.RunEvent], stage: str) -> list[int]:
         and e.job_event.stage == stage
         and e.job_event.event.WhichOneof("payload") == "progress"
     ]
+
+
+def job_events(events: list[opb.RunEvent], stage: str) -> list[cpb.JobEvent]:
+    return [
+        e.job_event.event
+        for e in events
+        if payload(e) == "job_event" and e.job_event.stage == stage
+    ]
+
+
+def assert_whole_job_log(events: list[opb.RunEvent], stage: str) -> None:
+    """Every event of the stage's job relayed once, in order, through its terminal one."""
+    evs = job_events(events, stage)
+    assert [e.seq for e in evs] == list(range(1, len(evs) + 1))
+    assert evs[-1].state_change.to_state == cpb.JOB_STATE_SUCCEEDED
 
 
 def stage_states(events: list[opb.RunEvent], stage: str) -> list[int]:
@@ -142,6 +159,7 @@ def test_two_sft_stages_hand_off_the_adapter(stack: MLXUClient, tiny_model: Path
     for name, steps in (("first", 12), ("second", 6)):
         assert stage_states(events, name) == [SS.STAGE_STATE_RUNNING, SS.STAGE_STATE_SUCCEEDED]
         assert progress_steps(events, name) == list(range(1, steps + 1))
+        assert_whole_job_log(events, name)
 
     # The second stage trained base + the first stage's adapter: by path and by sha256.
     first, second = run.stages
@@ -279,6 +297,19 @@ def _watch_until(c: MLXUClient, run_id: str, seen: list, stop, after: int = 0) -
             return
 
 
+def _get_run_after_restart(c: MLXUClient, run_id: str, timeout: float = 15) -> opb.Run:
+    """GetRun once the restarted orchestrator is reachable from this client: a channel to a
+    restarted server may share a subchannel that is still in its reconnect backoff (<= 2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return c.get_run(run_id)
+        except ClientError as e:
+            if e.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)  # waiting for the reconnect, not for work
+
+
 def _two_services(service_process, tiny_model: Path):
     training = service_process("training").start()
     orch = service_process("orchestrator")
@@ -308,6 +339,7 @@ def test_orchestrator_kill9_mid_run_resumes(service_process, tiny_model: Path, d
     c.close()
     orch.start()
     c = client_for(orch.address, training.address)
+    _get_run_after_restart(c, run.run_id)
     rest: list[opb.RunEvent] = []
     _watch_until(c, run.run_id, rest, lambda s: False, after=seen[-1].seq)
     follower.join(120)
@@ -321,6 +353,8 @@ def test_orchestrator_kill9_mid_run_resumes(service_process, tiny_model: Path, d
     assert progress_steps(events, "first") == list(range(1, 151))
     assert progress_steps(events, "second") == list(range(1, 6))
     assert stage_states(events, "first") == [SS.STAGE_STATE_RUNNING, SS.STAGE_STATE_SUCCEEDED]
+    assert_whole_job_log(events, "first")
+    assert_whole_job_log(events, "second")
     jobs = training_jobs(c)
     assert sorted(j.job_id for j in jobs) == sorted(s.job_id for s in final.stages)
     assert [s.attempt for s in final.stages] == [1, 1]
@@ -353,14 +387,34 @@ def test_training_kill9_mid_stage_resumes_from_checkpoint(
     assert final.state == RS.RUN_STATE_SUCCEEDED, final.error
     events = seen + rest
     assert_contiguous(events)
-    steps = progress_steps(events, "only")
-    before = progress_steps(seen, "only")
-    after = progress_steps(rest, "only")
-    assert after and after[-1] == 200
-    # Resumed from the newest checkpoint the worker had written, not from step 0.
-    assert ckpt_step <= after[0] - 1 <= before[-1], (ckpt_step, before[-1], after[:3])
-    assert after == list(range(after[0], 201))
-    assert steps.count(1) == 1
+    # The job's own log, relayed: attempt 1 until the crash, requeued, attempt 2 resumes
+    # after the newest checkpoint (steps the crash lost are trained again), to step 200.
+    assert_whole_job_log(events, "only")
+    job_events = [e.job_event.event for e in events if payload(e) == "job_event"]
+    requeued = next(
+        i
+        for i, ev in enumerate(job_events)
+        if ev.state_change.from_state == cpb.JOB_STATE_RUNNING
+        and ev.state_change.to_state == cpb.JOB_STATE_PENDING
+    )
+    kinds = [ev.WhichOneof("payload") for ev in job_events]
+    one = [
+        ev.progress.step
+        for ev, k in zip(job_events[:requeued], kinds, strict=False)
+        if k == "progress"
+    ]
+    two = [
+        ev.progress.step
+        for ev, k in zip(job_events[requeued:], kinds[requeued:], strict=True)
+        if k == "progress"
+    ]
+    ckpts = [
+        ev.checkpoint.step
+        for ev, k in zip(job_events[:requeued], kinds, strict=False)
+        if k == "checkpoint"
+    ]
+    assert ckpt_step in ckpts and one == list(range(1, len(one) + 1))
+    assert two == list(range(ckpts[-1] + 1, 201)), (ckpts, two[:3])
     jobs = training_jobs(c)
     assert [j.job_id for j in jobs] == [final.stages[0].job_id]
     assert jobs[0].attempts == 2 and final.stages[0].attempt == 1
@@ -377,11 +431,13 @@ def test_sigterm_leaves_runs_to_the_next_start(service_process, tiny_model: Path
     _watch_until(c, run.run_id, seen, lambda s: bool(progress_steps(s, "one")))
     assert orch.terminate() == 0
     orch.start()
-    assert c.get_run(run.run_id).state in (RS.RUN_STATE_RUNNING, RS.RUN_STATE_SUCCEEDED)
+    after_restart = _get_run_after_restart(c, run.run_id)
+    assert after_restart.state in (RS.RUN_STATE_RUNNING, RS.RUN_STATE_SUCCEEDED)
     rest: list[opb.RunEvent] = []
     _watch_until(c, run.run_id, rest, lambda s: False, after=seen[-1].seq)
     assert c.get_run(run.run_id).state == RS.RUN_STATE_SUCCEEDED
     assert progress_steps(seen + rest, "one") == list(range(1, 41))
+    assert_whole_job_log(seen + rest, "one")
     c.close()
 
 
@@ -396,3 +452,181 @@ def test_watch_and_get_errors(stack: MLXUClient):
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     names = [t.name for t in c.list_templates()]
     assert names == ["chatbot", "efficient_llm", "aligned_model", "research"]
+
+
+def test_api_key_is_sent_and_start_training_runs(serve, tiny_model: Path, data: Path, monkeypatch):
+    """With keys on both services the orchestrator authenticates with its own key."""
+    monkeypatch.delenv("MLXU_API_KEY", raising=False)
+    monkeypatch.delenv("MLXU_API_KEYS", raising=False)
+    keys = frozenset({"s3cret"})
+    training = serve("training", api_keys=keys)
+    orch = serve("orchestrator", api_keys=keys, endpoints={"training": training.address})
+    anonymous = client_for(orch.address)
+    with pytest.raises(ClientError) as err:
+        anonymous.list_templates()
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    c = MLXUClient(
+        addresses={"orchestrator": orch.address, "training": training.address}, api_key="s3cret"
+    )
+    stage = sft_stage("direct", 4)
+    stage.sft.model.model = str(tiny_model)
+    stage.sft.dataset.path = str(data)
+    run = c.start_training(stage, request_id="direct-1")
+    assert c.start_training(stage, request_id="direct-1").run_id == run.run_id
+    events = list(c.watch_run(run.run_id))
+    final = c.get_run(run.run_id)
+    assert final.state == RS.RUN_STATE_SUCCEEDED, final.error
+    assert progress_steps(events, "direct") == [1, 2, 3, 4]
+    assert [j.job_id for j in training_jobs(c)] == [final.stages[0].job_id]
+    anonymous.close()
+    c.close()
+
+
+def test_template_auto_configure_sizes_the_real_model(stack: MLXUClient, tiny_model: Path, data):
+    from services.runtime.models import load_model, param_count
+
+    over = {"stages": [{"name": "sft", "kind": "STAGE_KIND_SFT"}]}  # keep only what we serve
+    pl = stack.create_pipeline_from_template(
+        "chatbot", base_model=str(tiny_model), dataset=str(data), overrides=over, name="auto"
+    )
+    auto = json_format.MessageToDict(pl.resolved)["stages"][0]["auto_configure"]
+    model, _ = load_model(str(tiny_model))
+    assert auto["model_params"] == param_count(model)
+    assert auto["dataset_rows"] == len(ROWS)
+    chars = sum(len(m["content"]) + len(m["role"]) for r in ROWS for m in r["messages"])
+    assert auto["dataset_tokens"] == round(chars / 4)
+    assert auto["chosen"]["method"] == "FINETUNE_METHOD_FULL"  # 0.1M params fit anywhere
+    assert auto["chosen"]["loop.epochs"] == 3 and auto["chosen"]["loop.max_steps"] >= 1
+    assert [p.pipeline_id for p in stack.list_pipelines()] == [pl.pipeline_id]
+
+
+def test_backend_translates_status_codes():
+    from google.protobuf import any_pb2
+    from google.rpc import code_pb2, error_details_pb2, status_pb2
+    from grpc import aio
+
+    from orchestrator.backend import translate
+    from services.runtime import errors
+
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field="spec.loop.batch_size", description="< 1"
+            )
+        ]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="bad", details=[detail])
+    trailing = aio.Metadata(("grpc-status-details-bin", status.SerializeToString()))
+
+    def err(code: grpc.StatusCode, md=aio.Metadata()) -> aio.AioRpcError:
+        return aio.AioRpcError(code, aio.Metadata(), md, details="why")
+
+    got = translate(err(grpc.StatusCode.INVALID_ARGUMENT, trailing), "training StartSFT")
+    assert isinstance(got, errors.InvalidArgument)
+    assert [(v.field, v.description) for v in got.violations] == [("spec.loop.batch_size", "< 1")]
+    for code, cls in (
+        (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.Unavailable),
+        (grpc.StatusCode.NOT_FOUND, errors.NotFound),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition),
+        (grpc.StatusCode.UNAUTHENTICATED, errors.FailedPrecondition),
+    ):
+        got = translate(err(code), "training GetJob job-1")
+        assert type(got) is cls and "training GetJob job-1" in str(got), (code, got)
+
+
+def test_stage_the_service_rejects_fails_the_run_with_its_reason(
+    stack: MLXUClient, tiny_model: Path, data: Path
+):
+    stage = sft_stage("typo", 5)
+    stage.sft.loop.batch_size = -2  # the training service validates trainer settings
+    run = stack.run_pipeline(
+        stack.create_pipeline(pipeline_spec(tiny_model, data, stage)).pipeline_id
+    )
+    events = list(stack.watch_run(run.run_id))
+    final = stack.get_run(run.run_id)
+    assert final.state == RS.RUN_STATE_FAILED
+    assert final.stages[0].state == SS.STAGE_STATE_FAILED and not final.stages[0].job_id
+    assert "spec.loop.batch_size" in final.error and "training" in final.error
+    assert events[-1].run_state_change.to_state == RS.RUN_STATE_FAILED
+    assert training_jobs(stack) == []
+
+
+def test_sft_then_dpo_across_two_services(serve, tiny_model: Path, data: Path, tmp_path: Path):
+    """The SFT adapter becomes the DPO policy and its frozen reference on the rlhf service."""
+    training, rlhf = serve("training"), serve("rlhf")
+    endpoints = {"training": training.address, "rlhf": rlhf.address}
+    orch = serve("orchestrator", endpoints=endpoints)
+    c = client_for(orch.address, training.address, rlhf=rlhf.address)
+    prefs = write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [{"prompt": f"What is {a} plus {a}?", "chosen": f"{2 * a}.", "rejected": f"{a}."}
+         for a in range(1, 25)],
+    )  # fmt: skip
+    dpo = opb.Stage(name="dpo", kind=opb.STAGE_KIND_DPO)
+    dpo.dpo.loop.CopyFrom(sft_stage("x", 4).sft.loop)
+    dpo.dpo.method = cpb.FINETUNE_METHOD_LORA
+    dpo.dpo.lora.CopyFrom(cpb.LoraConfig(rank=4, num_layers=-1))
+    spec = pipeline_spec(tiny_model, data, sft_stage("sft", 6), dpo)
+    spec.datasets["dpo"].path = str(prefs)
+    run = c.run_pipeline(c.create_pipeline(spec).pipeline_id)
+    events = list(c.watch_run(run.run_id))
+    final = c.get_run(run.run_id)
+
+    assert final.state == RS.RUN_STATE_SUCCEEDED, final.error
+    assert_contiguous(events)
+    assert progress_steps(events, "dpo") == [1, 2, 3, 4]
+    assert_whole_job_log(events, "dpo")
+    sft, dpo_run = final.stages
+    assert dpo_run.service == "rlhf"
+    job = c.get_job(dpo_run.job_id, service="rlhf")
+    for role in ("model", "reference"):
+        assert job.labels[f"mlxu.input.{role}.path"] == sft.result.path
+        assert job.labels[f"mlxu.input.{role}.sha256"] == sft.result.sha256
+    assert final.result.path == dpo_run.result.path
+    c.close()
+
+
+async def test_backend_long_polls_and_translates_against_the_service(
+    serve, tiny_model: Path, data: Path
+):
+    """GrpcStageBackend on its own: idempotent start, watch deadlines that end quietly and
+    resume from the last seq, the service's errors as domain errors."""
+    from orchestrator.backend import Deadlines, GrpcStageBackend
+    from services.runtime import errors
+
+    training = serve("training")
+    nowhere = f"127.0.0.1:{free_port()}"
+    backend = GrpcStageBackend(
+        {"training": training.address, "rlhf": nowhere}, deadlines=Deadlines(watch=0.3)
+    )
+    spec = sft_stage("s", 30).sft
+    spec.model.model, spec.dataset.path = str(tiny_model), str(data)
+    job_id = await backend.start("sft", spec, "runs/r/stages/s/attempts/1")
+    assert await backend.start("sft", spec, "runs/r/stages/s/attempts/1") == job_id
+
+    seqs, watches, final = [], 0, None
+    while final is None:
+        watches += 1
+        async for ev, job in backend.watch("sft", job_id, seqs[-1] if seqs else 0):
+            seqs.append(ev.seq)
+            if ev.state_change.to_state == cpb.JOB_STATE_SUCCEEDED:
+                final = job
+    assert seqs == list(range(1, len(seqs) + 1)) and final.result.path
+    assert watches > 1  # the worker's start-up alone outlasts one 0.3 s long poll
+    assert (await backend.get("sft", job_id)).state == cpb.JOB_STATE_SUCCEEDED
+    await backend.cancel("sft", job_id, "too late")  # already ended: nothing to do
+
+    with pytest.raises(errors.NotFound):
+        await backend.get("sft", "job-nope")
+    spec.loop.batch_size = -1
+    with pytest.raises(errors.InvalidArgument) as bad:
+        await backend.start("sft", spec, "runs/r/stages/s/attempts/2")
+    assert "spec.loop.batch_size" in {v.field for v in bad.value.violations}
+    with pytest.raises(errors.Unavailable):
+        await backend.get("dpo", "job-1")
+    down = await backend.unreachable({"training", "rlhf"})
+    assert list(down) == ["rlhf"] and nowhere in down["rlhf"]
+    await backend.close()

@@ -513,11 +513,18 @@ async def follow(
     NotFound for an unknown job. Stopping the iteration never affects the job.
     """
     cursor = max(after_seq, 0)
+
+    def read(cursor: int) -> tuple[JobRecord, list[EventRecord]]:
+        # One thread hop per poll: each hop is a wake-up that waits for a CPU when busy.
+        job = store.get(job_id)
+        if job.last_seq <= cursor:
+            return job, []
+        evs = store.events(job_id, cursor, batch)
+        return store.get(job_id), evs
+
     while True:
-        job = await asyncio.to_thread(store.get, job_id)
-        if job.last_seq > cursor:
-            evs = await asyncio.to_thread(store.events, job_id, cursor, batch)
-            job = await asyncio.to_thread(store.get, job_id)
+        job, evs = await asyncio.to_thread(read, cursor)
+        if evs:
             for ev in evs:
                 yield ev, job
                 cursor = ev.seq

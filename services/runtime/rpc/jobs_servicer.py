@@ -92,7 +92,7 @@ class JobsHost:
 
 
 class JobServicer(common_pb2_grpc.JobServiceServicer):
-    def __init__(self, host: JobsHost, poll_s: float = 0.05) -> None:
+    def __init__(self, host: JobsHost, poll_s: float = 0.02) -> None:
         self.host = host
         self.poll_s = poll_s
 
