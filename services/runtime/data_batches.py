@@ -59,13 +59,23 @@ class PromptItem:
     truncated: bool = False
 
 
+# Padded lengths grow in steps of 32 up to 512 (as mlx-lm pads), then 128 up to 2048, then
+# 512: padding stays within a few percent of the longest row while the compiled step sees a
+# bounded number of shapes (at most ~40 below 8k). Powers of two padded a 130-token batch to
+# 256 (1.6x the compute on variable-length chat data, measured against mlx-lm).
+_STEPS = ((512, 32), (2048, 128), (1 << 30, 512))
+
+
 def buckets(max_seq_length: int) -> tuple[int, ...]:
-    """32, 64, 128, ... below max_seq_length, then max_seq_length itself."""
+    """The padded lengths below max_seq_length, then max_seq_length itself."""
     out: list[int] = []
-    b = 32
-    while b < max_seq_length:
+    b = 0
+    while True:
+        step = next(s for limit, s in _STEPS if b < limit)
+        b += step
+        if b >= max_seq_length:
+            break
         out.append(b)
-        b *= 2
     out.append(max_seq_length)
     return tuple(out)
 

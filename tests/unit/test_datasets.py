@@ -393,10 +393,12 @@ def _same(a, b) -> bool:
 
 
 def test_buckets():
-    assert buckets(512) == (32, 64, 128, 256, 512)
-    assert buckets(100) == (32, 64, 100)
+    assert buckets(512) == tuple(range(32, 513, 32))
+    assert buckets(100) == (32, 64, 96, 100)
     assert buckets(16) == (16,)
-    assert [bucket_for(n, 100) for n in (1, 32, 33, 64, 65, 100)] == [32, 32, 64, 64, 100, 100]
+    assert buckets(1024)[-5:] == (512, 640, 768, 896, 1024)
+    assert len(buckets(8192)) < 45
+    assert [bucket_for(n, 100) for n in (1, 32, 33, 64, 65, 97)] == [32, 32, 64, 64, 96, 100]
 
 
 def test_batch_layout_and_bucket_lengths():
@@ -420,7 +422,7 @@ def test_batch_layout_and_bucket_lengths():
             assert b["loss_mask"][r].sum() == max(0, n - max(t.prompt_len, 1))
         assert b["ntokens"] == int(b["loss_mask"].sum()) == b["global_ntokens"]
     # The smallest bucket holding the longest row; 300 tokens are cut to max_seq_length.
-    assert seen == [32, 64, 64, 128, 128, 32]
+    assert seen == [32, 64, 64, 96, 128, 32]
 
 
 def test_determinism_and_reshuffle_per_epoch():
