@@ -839,8 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _cmd(sub, "templates", cmd_templates, "list pipeline templates")
 
-    p = _cmd(sub, "demo", cmd_demo, "the quick start: LoRA-tune SmolLM2-135M, before/after")
-    p.add_argument("--steps", type=int, default=60)
+    p = _cmd(sub, "demo", cmd_demo, "the quick start: chatbot template on SmolLM2-135M")
+    p.add_argument("--sft-steps", type=int, default=50)
+    p.add_argument("--dpo-steps", type=int, default=8)
+    p.add_argument("--sft-only", action="store_true", help="one SFT job, no orchestrator")
     p.add_argument("--home", help="data dir (default: $MLXU_HOME or ~/.mlxu)")
     return parser
 
@@ -848,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_demo(args: argparse.Namespace) -> int:
     from clients import demo
 
-    return demo.run(steps=args.steps, home=args.home)
+    return demo.run(args.sft_steps, args.dpo_steps, home=args.home, sft_only=args.sft_only)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
