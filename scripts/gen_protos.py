@@ -1,7 +1,7 @@
 """Generate the Python stubs (+ .pyi) for protos/mlx_unified/v1 with grpcio-tools.
 
-    uv run python scripts/gen_protos.py          # regenerate in place
-    uv run python scripts/gen_protos.py --check  # exit 1 if the committed stubs drifted
+uv run python scripts/gen_protos.py          # regenerate in place
+uv run python scripts/gen_protos.py --check  # exit 1 if the committed stubs drifted
 """
 
 from __future__ import annotations
@@ -39,8 +39,13 @@ def main() -> int:
         fresh = Path(tmp) / "mlx_unified" / "v1"
         if check:
             names = {p.name for p in generated(fresh)} | {p.name for p in generated(PKG)}
-            drift = [n for n in sorted(names) if not (PKG / n).exists() or not (fresh / n).exists()
-                     or not filecmp.cmp(PKG / n, fresh / n, shallow=False)]
+            drift = [
+                n
+                for n in sorted(names)
+                if not (PKG / n).exists()
+                or not (fresh / n).exists()
+                or not filecmp.cmp(PKG / n, fresh / n, shallow=False)
+            ]
             if drift:
                 print("generated stubs drifted from protos (run scripts/gen_protos.py):", *drift)
                 return 1

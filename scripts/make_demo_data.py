@@ -21,84 +21,147 @@ SYSTEM = "You are the MLX Unified Training assistant. Answer briefly and precise
 
 FACTS = [
     (
-        ["Which port does the training service listen on?", "What is the training service's port?",
-         "On what port can I reach the core training service?", "Training service port?"],
+        [
+            "Which port does the training service listen on?",
+            "What is the training service's port?",
+            "On what port can I reach the core training service?",
+            "Training service port?",
+        ],
         "The training service listens on port 8500.",
     ),
     (
-        ["Which port does the orchestrator use?", "What port is the orchestrator on?",
-         "Where does the orchestrator listen?", "Orchestrator port?"],
+        [
+            "Which port does the orchestrator use?",
+            "What port is the orchestrator on?",
+            "Where does the orchestrator listen?",
+            "Orchestrator port?",
+        ],
         "The orchestrator listens on port 8600.",
     ),
     (
-        ["Which port does the distillation service use?", "What is the distillation port?",
-         "Where can I reach the distillation service?", "Distillation service port?"],
+        [
+            "Which port does the distillation service use?",
+            "What is the distillation port?",
+            "Where can I reach the distillation service?",
+            "Distillation service port?",
+        ],
         "The distillation service listens on port 8300.",
     ),
     (
-        ["Which port does the RLHF service use?", "What port is RLHF on?",
-         "Where does the RLHF service listen?", "RLHF service port?"],
+        [
+            "Which port does the RLHF service use?",
+            "What port is RLHF on?",
+            "Where does the RLHF service listen?",
+            "RLHF service port?",
+        ],
         "The RLHF service listens on port 8400.",
     ),
     (
-        ["How do I send my API key?", "Where does the API key go?",
-         "How do I authenticate to a service?", "Which header carries the API key?"],
+        [
+            "How do I send my API key?",
+            "Where does the API key go?",
+            "How do I authenticate to a service?",
+            "Which header carries the API key?",
+        ],
         "Send it in the gRPC metadata key x-api-key.",
     ),
     (
-        ["Where is my data stored?", "Which directory holds jobs and checkpoints?",
-         "How do I change the data directory?", "What sets the data dir?"],
+        [
+            "Where is my data stored?",
+            "Which directory holds jobs and checkpoints?",
+            "How do I change the data directory?",
+            "What sets the data dir?",
+        ],
         "Everything lives under MLXU_HOME, which defaults to ~/.mlxu.",
     ),
     (
-        ["How do I start every service at once?", "What command runs all services locally?",
-         "How can I launch the whole platform?", "Start all services?"],
+        [
+            "How do I start every service at once?",
+            "What command runs all services locally?",
+            "How can I launch the whole platform?",
+            "Start all services?",
+        ],
         "Run mlxu up to start all four services locally.",
     ),
     (
-        ["How do I follow a job's progress?", "How can I watch a running job?",
-         "How do I stream a job's events?", "Watch a job?"],
+        [
+            "How do I follow a job's progress?",
+            "How can I watch a running job?",
+            "How do I stream a job's events?",
+            "Watch a job?",
+        ],
         "Run mlxu jobs watch JOB_ID, which streams its events live.",
     ),
     (
-        ["How do I stop a running job?", "How can I cancel training?",
-         "What cancels a job?", "Cancel a job?"],
+        [
+            "How do I stop a running job?",
+            "How can I cancel training?",
+            "What cancels a job?",
+            "Cancel a job?",
+        ],
         "Run mlxu jobs cancel JOB_ID; the worker process is stopped at once.",
     ),
     (
-        ["What happens if the service restarts during training?",
-         "Do I lose my job if the server crashes?", "Is a job resumed after a restart?",
-         "What about a crash mid-job?"],
+        [
+            "What happens if the service restarts during training?",
+            "Do I lose my job if the server crashes?",
+            "Is a job resumed after a restart?",
+            "What about a crash mid-job?",
+        ],
         "The job resumes from its last checkpoint; nothing is lost.",
     ),
     (
-        ["What is QLoRA here?", "How does QLoRA work in this platform?",
-         "Which base does QLoRA train on?", "Explain QLoRA briefly."],
+        [
+            "What is QLoRA here?",
+            "How does QLoRA work in this platform?",
+            "Which base does QLoRA train on?",
+            "Explain QLoRA briefly.",
+        ],
         "QLoRA trains LoRA adapters on a 4-bit or 8-bit quantized, frozen base model.",
     ),
     (
-        ["Which optimizers can I use?", "What optimizers are supported?",
-         "Can I pick the optimizer?", "List the optimizers."],
+        [
+            "Which optimizers can I use?",
+            "What optimizers are supported?",
+            "Can I pick the optimizer?",
+            "List the optimizers.",
+        ],
         "AdamW, Adam, SGD, Adafactor, Lion and Muon.",
     ),
     (
-        ["What does a DPO stage use as its reference?", "Which reference model does DPO get?",
-         "Is the DPO reference the base model?", "DPO reference?"],
+        [
+            "What does a DPO stage use as its reference?",
+            "Which reference model does DPO get?",
+            "Is the DPO reference the base model?",
+            "DPO reference?",
+        ],
         "The DPO reference is the stage's input checkpoint, never silently the base model.",
     ),
     (
-        ["What format are checkpoints in?", "Can mlx_lm load my checkpoint?",
-         "How are checkpoints saved?", "Checkpoint format?"],
+        [
+            "What format are checkpoints in?",
+            "Can mlx_lm load my checkpoint?",
+            "How are checkpoints saved?",
+            "Checkpoint format?",
+        ],
         "Checkpoints are mlx-lm directories, so mlx_lm.load opens them directly.",
     ),
     (
-        ["What is the default model?", "Which model does the quick start train?",
-         "Which pretrained model ships offline?", "Default model?"],
+        [
+            "What is the default model?",
+            "Which model does the quick start train?",
+            "Which pretrained model ships offline?",
+            "Default model?",
+        ],
         "The default model is SmolLM2-135M-Instruct.",
     ),
     (
-        ["How do I run a pipeline from a template?", "How do I use the chatbot template?",
-         "How do templates work?", "Create a pipeline from a template?"],
+        [
+            "How do I run a pipeline from a template?",
+            "How do I use the chatbot template?",
+            "How do templates work?",
+            "Create a pipeline from a template?",
+        ],
         "Run mlxu pipeline create --template chatbot, then mlxu pipeline run.",
     ),
 ]

@@ -263,6 +263,8 @@ class _Step:
 
     def __init__(self, model, loss_fn, optimizer, accum: int, clip: float, world) -> None:
         self.model, self.optimizer, self.accum, self.world = model, optimizer, accum, world
+        # Ranks draw different dropout masks; rank 0 draws what a one-process run draws.
+        self.seed_offset = 7919 * world.rank()
         self.state = [model.state, optimizer.state, mx.random.state]
         vg = nn.value_and_grad(model, loss_fn)
         n_proc = world.size()
@@ -314,7 +316,7 @@ class _Step:
         total: dict[str, mx.array] = {}
         acc = w_acc = None
         for i in range(self.accum):
-            mx.random.seed(_step_seed(seed, counter * self.accum + i))
+            mx.random.seed(_step_seed(seed + self.seed_offset, counter * self.accum + i))
             batch = _arrays(next(batches))
             if self.accum == 1:
                 sums, out = self.single(batch)

@@ -61,9 +61,19 @@ class KDStream:
     annealed temperature and the seeded on-policy coin flips continue exactly on resume."""
 
     def __init__(
-        self, inner: IndexedBatches, parts: StreamParts, *, policy=None, seed: int = 0, step_of=None
+        self,
+        inner: IndexedBatches,
+        parts: StreamParts,
+        *,
+        policy=None,
+        seed: int = 0,
+        step_of=None,
+        rank: int = 0,
     ) -> None:
         self.inner, self.parts, self.policy, self.seed = inner, parts, policy, seed
+        # Data parallel: each rank completes its own rows; the same coin flips on every rank
+        # (all take on-policy steps together), a different sampling seed on each.
+        self.rank = rank
         self.served = 0
         self.step_of = step_of  # valid stream: the train stream's step
 
@@ -94,7 +104,8 @@ class KDStream:
         if self.policy is not None:
             coin = np.random.default_rng([self.seed % 2**63, counter]).random()
             if coin < self.policy.fraction:
-                batch = self.policy.replace(rows, seed=self.seed * 1_000_003 + counter)
+                seed = self.seed * 1_000_003 + counter + self.rank * 0x9E3779B1
+                batch = self.policy.replace(rows, seed=seed)
                 fresh = True
         batch["teacher_weights"] = mx.array(teachers.row_weights(p.route, p.weights, rows))
         batch["temperature"] = mx.array(p.temperature.scheduled(step, p.total), mx.float32)
@@ -237,13 +248,17 @@ def _student(c, ctx: JobContext, dtype: str) -> tuple[str, Any, Any]:
     path = c.student
     if c.student_init.enabled:
         out = Path(ctx.output_dir) / "student_init"
-        if not (out / "config.json").is_file():
+        world = mx.distributed.init()
+        # Data parallel: rank 0 writes it (one temp dir, no race), the others wait for it.
+        if world.rank() == 0 and not (out / "config.json").is_file():
             student.init_student(
                 c.teachers[0].model,
                 out,
                 keep_layers=c.student_init.keep_teacher_layers,
                 num_layers=c.student_init.num_layers,
             )
+        if world.size() > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1), stream=mx.cpu))
         path = str(out)
     model, tokenizer = models.load_model(
         path, c.student_adapter or None, dtype, field="spec.student.model"
@@ -307,7 +322,7 @@ def _streams(c, loop, data, model, tokenizer, ts, weights, routes, caches, vocab
             data.pad_id,
             data.max_seq_length,
         )
-    train_stream = KDStream(inner, parts, policy=policy, seed=loop.seed)
+    train_stream = KDStream(inner, parts, policy=policy, seed=loop.seed, rank=world.rank())
     if not data.valid or loop.steps_per_eval == -1:
         return train_stream, None
     limit = None if loop.val_batches == -1 else loop.val_batches

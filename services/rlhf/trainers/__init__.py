@@ -240,9 +240,9 @@ def outer_loop(ctx, loop: LoopSettings, total: int, progress: _Progress, ckpt, o
 def finish(ctx, ckpt: Checkpointer, progress: _Progress, kind: str) -> CheckpointInfo:
     metrics = {**progress.metrics, "steps": float(progress.step)}
     metrics["train_time_s"] = progress.train_time
+    if not ctx.is_main:  # data-parallel ranks > 0: rank 0 publishes
+        return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, kind, progress.step)
     if ckpt.last is None:
-        if not ctx.is_main:
-            return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, kind, progress.step)
         ckpt.save(progress)
     final = checkpoints.publish(ckpt.last.path, Path(ctx.output_dir), metrics)
     ctx.checkpoint_written(final)
@@ -251,7 +251,8 @@ def finish(ctx, ckpt: Checkpointer, progress: _Progress, kind: str) -> Checkpoin
 
 def evaluate_metrics(model, loss_fn, batches) -> dict[str, float]:
     """Weight-averaged loss and metrics of ``loss_fn`` over one pass of ``batches``, as
-    ``val_<name>`` (the shared loop's own evaluation reports the loss only)."""
+    ``val_<name>`` (the shared loop's own evaluation reports the loss only); over every
+    rank's share in a data-parallel job (all ranks must call it)."""
     import mlx.core as mx
 
     model.eval()
@@ -267,6 +268,12 @@ def evaluate_metrics(model, loss_fn, batches) -> dict[str, float]:
             n += w
     finally:
         model.train()
+    world = mx.distributed.init()
+    if world.size() > 1 and sums:  # each rank saw its share of the validation set
+        keys = sorted(sums)
+        total = mx.distributed.all_sum(mx.array([sums[k] for k in keys] + [n]), stream=mx.cpu)
+        *values, n = total.tolist()
+        sums = dict(zip(keys, values, strict=True))
     return {f"val_{k}": v / n for k, v in sums.items()} if n else {}
 
 

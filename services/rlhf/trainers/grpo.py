@@ -13,6 +13,11 @@ updates over minibatches of ``loop.batch_size`` completions with the per-token `
 estimate of KL(policy || reference) weighted by ``beta`` (no reference is loaded when
 ``beta`` is 0). The rollout machinery, checkpoints and exact resume are PPO's.
 
+Data parallel (``resources.num_processes`` > 1): ``rollout.batch_size`` prompts and
+``loop.batch_size`` completions per minibatch are global; each rank samples whole groups for
+its share of the prompts (so group advantages need nothing from other ranks), gradients are
+averaged over ranks in the compiled update, and rewards and metrics are reduced over ranks.
+
     uv run python -m services.rlhf.trainers.grpo config.json /tmp/grpo-out
 """
 
@@ -37,6 +42,11 @@ from services.rlhf.trainers import (
     outer_loop,
     run_cli,
 )
+from services.rlhf.trainers.data_parallel import (
+    check_data_parallel,
+    gather_rows,
+    mean_over_ranks,
+)
 from services.rlhf.trainers.losses import (
     aux,
     entropy,
@@ -47,7 +57,6 @@ from services.rlhf.trainers.losses import (
 )
 from services.rlhf.trainers.ppo import (
     check_prompt_format,
-    check_single_process,
     make_update,
     minibatches,
     prompt_data,
@@ -113,7 +122,15 @@ class GRPOConfig(DictConfig):
         v.check(self.clip_range > 0, f"{p}clip_range", "must be > 0")
         self.reward.check(v, f"{p}reward")
         check_prompt_format(v, self.dataset, p)
-        check_single_process(v, self.resources, p)
+        check_data_parallel(
+            v,
+            self.resources,
+            p,
+            {
+                "rollout.batch_size": self.rollout.batch_size,
+                "loop.batch_size": self.loop.batch_size,
+            },
+        )
 
 
 def make_loss(cfg: GRPOConfig):
@@ -162,11 +179,13 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         ctx, policy, optimizer, prompts, extra, resolved, None, loop.keep_last_checkpoints
     )
     progress = ckpt.restore()
-    update, _ = make_update(model, make_loss(cfg), optimizer, cfg.optimizer.grad_clip_norm)
+    clip = cfg.optimizer.grad_clip_norm
+    update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
     prompt_iter = iter(prompts)
+    minibatch = loop.batch_size // world.size()  # this rank's share
 
     def one_step(step: int) -> tuple[dict[str, float], int]:
-        got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter), group=G)
+        got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter), group=G, world=world)
         batch, ids = got.batch, got.ids
         tic = time.perf_counter()
         rewards = np.asarray(score(got.prompts, ids, got.texts), np.float32)
@@ -186,27 +205,32 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         data = {**batch, "old_logps": old_logps, "ref_logps": ref, "advantages": adv}
         sums: dict[str, float] = {}
         n = 0
-        for idx in minibatches(len(ids), loop.batch_size, loop.seed, step, 0):
+        for idx in minibatches(len(ids), minibatch, loop.seed, step, 0):
             mx.random.seed((loop.seed * 1_000_003 + step * 1009 + n) % 2**63)
             loss, m = update(take(data, idx))
             for k, v in {"loss": loss, **m}.items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
         t_update = time.perf_counter() - tic
-        groups = rewards.reshape(-1, G)
         metrics = {k: v / n for k, v in sums.items()}
         metrics.update(
-            reward_mean=float(rewards.mean()),
-            reward_std=float(groups.std(axis=1).mean()),
-            frac_groups_without_signal=float((groups.std(axis=1) == 0).mean()),
             entropy=ent.item(),
             completion_length=batch["mask"].sum(axis=1).mean().item(),
+            tokens=batch["mask"].sum().item() * world.size(),
+        )
+        # Equal shares: the mean over ranks is the mean over the whole rollout batch.
+        metrics = mean_over_ranks(metrics, world)
+        groups = np.array(gather_rows(mx.array(rewards), world)).reshape(-1, G)
+        metrics.update(
+            reward_mean=float(groups.mean()),
+            reward_std=float(groups.std(axis=1).mean()),
+            frac_groups_without_signal=float((groups.std(axis=1) == 0).mean()),
             learning_rate=learning_rate(optimizer),
             time_generation=got.seconds,
             time_scoring=t_score,
             time_update=t_update,
         )
-        return metrics, int(batch["mask"].sum().item())
+        return metrics, int(round(metrics.pop("tokens")))
 
     outer_loop(ctx, loop, total, progress, ckpt, one_step)
     return finish(ctx, ckpt, progress, policy.kind)

@@ -14,6 +14,15 @@ updates over shuffled minibatches. The policy and the value share the trunk (a v
 on the LM). Checkpoints hold the policy, its value head and the trainer state (optimizer,
 step, KL controller, rollout RNG, prompt position), so a resumed job continues exactly.
 
+Data parallel (``resources.num_processes`` > 1): ``rollout.batch_size`` and
+``minibatch_size`` are global; each rank samples, scores and trains on its share of the
+prompts (batch / world), with its own sampling key split from the shared one; gradients are
+averaged inside the compiled update, advantages whitened with statistics of the whole
+rollout batch, and the KL that drives the adaptive controller, the rewards and the reported
+metrics are reduced over all ranks, so every rank keeps the same controller state. The
+per-minibatch loss is each rank's token mean, averaged over ranks (as DDP does), which
+weights tokens slightly differently from one process when completion lengths differ.
+
     uv run python -m services.rlhf.trainers.ppo config.json /tmp/ppo-out
 """
 
@@ -46,6 +55,13 @@ from services.rlhf.trainers import (
     pad_id,
     run_cli,
 )
+from services.rlhf.trainers.data_parallel import (
+    check_data_parallel,
+    gather_rows,
+    mean_over_ranks,
+    rank_key,
+    whiten_global,
+)
 from services.rlhf.trainers.kl import make_kl_controller
 from services.rlhf.trainers.losses import (
     aux,
@@ -56,7 +72,6 @@ from services.rlhf.trainers.losses import (
     ppo_policy_loss,
     ppo_value_loss,
     token_logps,
-    whiten,
 )
 from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
 from services.rlhf.trainers.rewards import (
@@ -154,7 +169,12 @@ class PPOConfig(DictConfig):
         v.check(self.kl_horizon > 0, f"{p}kl_horizon", "must be > 0")
         self.reward.check(v, f"{p}reward")
         check_prompt_format(v, self.dataset, p)
-        check_single_process(v, self.resources, p)
+        check_data_parallel(
+            v,
+            self.resources,
+            p,
+            {"rollout.batch_size": self.rollout.batch_size, "minibatch_size": self.minibatch_size},
+        )
 
 
 def check_prompt_format(v: Violations, dataset: DatasetSettings, p: str) -> None:
@@ -162,15 +182,6 @@ def check_prompt_format(v: Violations, dataset: DatasetSettings, p: str) -> None
         dataset.format in ("", "prompt"),
         f"{p}dataset.format",
         "rollouts need prompt rows ({'prompt': ...})",
-    )
-
-
-def check_single_process(v: Violations, resources: ResourcesSettings, p: str) -> None:
-    # Rollout-based trainers do not average gradients or the KL statistic across ranks yet.
-    v.check(
-        resources.num_processes <= 1,
-        f"{p}resources.num_processes",
-        "PPO and GRPO run as one process for now (reward models and DPO can use more)",
     )
 
 
@@ -186,14 +197,20 @@ def reward_fn(source: RewardSourceSettings, tokenizer: Any, dtype: str) -> Rewar
     return scorer.as_reward_fn()
 
 
-def make_update(model: nn.Module, loss_fn: Callable, optimizer, clip_norm: float):
-    """A compiled optimizer step on one minibatch: (loss, metrics)."""
+def make_update(model: nn.Module, loss_fn: Callable, optimizer, clip_norm: float, world=None):
+    """A compiled optimizer step on one minibatch: (loss, metrics) of this rank's share.
+
+    With several ranks every rank calls it the same number of times (equal shares) and the
+    gradients are averaged over ranks before clipping and the update."""
     state = [model.state, optimizer.state, mx.random.state]
     vg = nn.value_and_grad(model, loss_fn)
+    n_proc = world.size() if world is not None else 1
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch):
         (loss, metrics), grads = vg(model, batch)
+        if n_proc > 1:
+            grads = nn.average_gradients(grads)
         if clip_norm > 0:
             grads, _ = optim.clip_grad_norm(grads, clip_norm)
         optimizer.update(model, grads)
@@ -228,9 +245,14 @@ class Sampled:
 
 
 def sample(
-    policy: Policy, rollout: RolloutSettings, rng: RolloutRNG, prompt_batch: dict, group: int = 1
+    policy: Policy,
+    rollout: RolloutSettings,
+    rng: RolloutRNG,
+    prompt_batch: dict,
+    group: int = 1,
+    world=None,
 ) -> Sampled:
-    """Generate ``group`` completions per prompt of a PromptBatches batch."""
+    """Generate ``group`` completions per prompt of a PromptBatches batch (this rank's)."""
     tic = time.perf_counter()
     tokens = [p for p in prompt_batch["tokens"] for _ in range(group)]
     raw = [p for p in prompt_batch["prompts"] for _ in range(group)]
@@ -239,7 +261,7 @@ def sample(
         policy.model,
         tokens,
         rollout.sampling,
-        rng.next(),
+        rank_key(rng.next(), world or mx.distributed.init()),
         eos_ids=eos,
         pad_id=pad_id(policy.tokenizer),
         tokenizer=policy.tokenizer,
@@ -326,11 +348,13 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         ctx, policy, optimizer, prompts, extra, resolved, "value", loop.keep_last_checkpoints
     )
     progress = ckpt.restore()
-    update, _ = make_update(model, make_loss(cfg), optimizer, cfg.optimizer.grad_clip_norm)
+    clip = cfg.optimizer.grad_clip_norm
+    update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
     prompt_iter = iter(prompts)
+    minibatch = cfg.minibatch_size // world.size()  # this rank's share
 
     def one_step(step: int) -> tuple[dict[str, float], int]:
-        got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter))
+        got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter), world=world)
         batch, ids, t_gen = got.batch, got.ids, got.seconds
         tic = time.perf_counter()
         scores = mx.array(score(got.prompts, ids, got.texts), mx.float32)
@@ -349,7 +373,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         rewards, kl = kl_penalised_rewards(scores, old_logps, ref, mask, kl_coef)
         adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            adv = whiten(adv, mask)
+            adv = whiten_global(adv, mask, world)
         seq_kl = kl.sum(axis=1).mean()
         mx.eval(old_logps, old_values, adv, returns, seq_kl, ent)
         t_score = time.perf_counter() - tic + t_reward
@@ -360,29 +384,35 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         sums: dict[str, float] = {}
         n = 0
         for epoch in range(cfg.ppo_epochs):
-            for idx in minibatches(len(ids), cfg.minibatch_size, loop.seed, step, epoch):
+            for idx in minibatches(len(ids), minibatch, loop.seed, step, epoch):
                 mx.random.seed((loop.seed * 1_000_003 + step * 1009 + n) % 2**63)
                 loss, m = update(take(data, idx))
                 for k, v in {"loss": loss, **m}.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n += 1
         t_update = time.perf_counter() - tic
-        kl_ctl.update(seq_kl.item(), len(ids) * world.size())
         metrics = {k: v / n for k, v in sums.items()}
         metrics.update(
-            reward_mean=scores.mean().item(),
-            reward_std=float(np.std(np.array(scores))),
             kl=seq_kl.item(),
-            kl_coef=kl_coef,
             entropy=ent.item(),
             returns_mean=masked_mean(returns, mask).item(),
             completion_length=mask.sum(axis=1).mean().item(),
+            tokens=mask.sum().item() * world.size(),
+        )
+        # Equal shares: the mean over ranks is the mean over the whole rollout batch.
+        metrics = mean_over_ranks(metrics, world)
+        all_scores = np.array(gather_rows(scores, world))
+        kl_ctl.update(metrics["kl"], len(ids) * world.size())
+        metrics.update(
+            reward_mean=float(all_scores.mean()),
+            reward_std=float(np.std(all_scores)),
+            kl_coef=kl_coef,
             learning_rate=learning_rate(optimizer),
             time_generation=t_gen,
             time_scoring=t_score,
             time_update=t_update,
         )
-        return metrics, int(mask.sum().item())
+        return metrics, int(round(metrics.pop("tokens")))
 
     outer_loop(ctx, loop, total, progress, ckpt, one_step)
     return finish(ctx, ckpt, progress, policy.kind)

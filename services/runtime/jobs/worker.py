@@ -9,20 +9,31 @@ Exit codes: 0 finished (SUCCEEDED, or the job was no longer RUNNING, e.g. cancel
 SIGUSR1; the runner requeues the job unless it was cancelled), 2 bad command line.
 
 Data parallel: with ``MLXU_DISTRIBUTED=1`` (set by the runner when it starts the worker
-through ``mlx.launch``), every rank runs this module; only rank 0 writes to the database.
+through ``mlx.launch``), every rank runs this module. The job (entry, config, output dir,
+checkpoint to resume from) comes from ``MLXU_JOB_SPEC`` (JSON, set by the runner), so ranks
+on other hosts never need the service's database; only rank 0 opens it, to write events and
+the final state, and so must run on the service's host. Every rank also writes
+``<output_dir>/ranks/rank-<r>.json`` (pid, host, then how it exited): mlx.launch exits 0
+whatever its ranks did, so that file is how the runner tells a finished group from a rank
+that died (crash: requeue) or raised (the job fails with that rank's reason). A rank whose
+collective failed because another rank vanished reports ``peer_lost``, never a job failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import time
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +50,10 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again later, from the checkpoint
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step_(\d+)$")
+JOB_SPEC_ENV = "MLXU_JOB_SPEC"
+RANKS_DIR = "ranks"
+# What a collective raises when another rank of the group is gone (ring, JACCL, MPI, NCCL).
+_PEER_LOST = re.compile(r"\[(ring|jaccl|mpi|nccl)\]|NCCL|connection to a peer", re.IGNORECASE)
 
 log = structlog.get_logger()
 
@@ -80,6 +95,66 @@ def checkpoint_payload(info: CheckpointInfo, job_id: str) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in info.metrics.items()},
         "create_time": time.time(),
     }
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every rank of a job needs to run it, without the job database."""
+
+    job_id: str
+    entry: str
+    config: dict
+    output_dir: str
+    attempts: int
+    resume_from: str | None
+
+    @classmethod
+    def of(cls, job: Any, resume_from: Path | None) -> JobSpec:
+        path = str(resume_from) if resume_from is not None else None
+        return cls(job.job_id, job.entry, job.config, job.output_dir, job.attempts, path)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> JobSpec:
+        return cls(**json.loads(raw))
+
+
+def rank_status_path(output_dir: Path, rank: int) -> Path:
+    return Path(output_dir) / RANKS_DIR / f"rank-{rank}.json"
+
+
+def write_rank_status(output_dir: Path, rank: int, attempt: int, **fields: Any) -> None:
+    """Atomically (re)write this rank's status file; never raises (it is diagnostics)."""
+    path = rank_status_path(output_dir, rank)
+    data = {"rank": rank, "attempt": attempt, "pid": os.getpid(), "host": socket.gethostname()}
+    data.update(fields, time=time.time())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("rank_status_not_written", error=str(exc))
+
+
+def read_rank_statuses(output_dir: Path, attempt: int | None = None) -> dict[int, dict]:
+    """rank -> status of the ranks that wrote one (for ``attempt`` only, when given)."""
+    out: dict[int, dict] = {}
+    for f in sorted((Path(output_dir) / RANKS_DIR).glob("rank-*.json")):
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if attempt is None or data.get("attempt") == attempt:
+            out[int(data["rank"])] = data
+    return out
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """True for the error a collective raises when another rank died or was stopped."""
+    return isinstance(exc, RuntimeError) and bool(_PEER_LOST.search(str(exc)))
 
 
 def load_entry(entry: str) -> TrainerFn:
@@ -124,6 +199,26 @@ def sync_stop_flag(local: bool, group: Any = None) -> bool:
 
     flag = mx.distributed.all_sum(mx.array(1 if local else 0, dtype=mx.int32), group=group)
     return int(flag.item()) > 0
+
+
+def pin_local_rank(rank: int, local_ranks: int) -> list[int] | None:
+    """Give rank r of ``local_ranks`` ranks on this host its own slice of the CPUs (Linux).
+
+    MLX's ring backend polls its sockets from busy threads; with every rank free to run on
+    every core, ranks and pollers preempt each other and a step takes several times longer
+    on a small host. Pinned, each rank's compute and its pollers share only its own cores.
+    """
+    if not hasattr(os, "sched_setaffinity") or local_ranks < 1:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    per = len(cpus) // local_ranks
+    if per < 1:
+        return None
+    mine = cpus[rank * per : (rank + 1) * per]
+    for tid in os.listdir("/proc/self/task"):  # threads already started keep their mask
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), mine)
+    return mine
 
 
 def _init_distributed() -> Any:
@@ -192,16 +287,82 @@ class _Recorder:
 
 
 def run_job(store: JobStore, job_id: str, stop: StopFlag) -> int:
+    """The one-process path: the job comes from the database."""
     job = store.get(job_id)
     if job.state is not JobState.RUNNING:
         log.warning("job_not_running", state=job.state.value)
         return EXIT_OK
-    group = _init_distributed()
+    spec = JobSpec.of(job, latest_complete_checkpoint(Path(job.output_dir)))
+    return _run(spec, store, stop, None, job.metrics)
+
+
+def run_rank(db: Path, job_id: str, stop: StopFlag) -> int:
+    """One rank of a data-parallel job (MLXU_DISTRIBUTED=1, started by mlx.launch)."""
+    rank = int(os.environ.get("MLX_RANK", "0"))
+    local = int(os.environ.get("MLXU_LOCAL_RANKS", "0") or 0)
+    if local > 1:  # set by the runner when all ranks run on its host
+        pin_local_rank(rank, local)
+    raw = os.environ.get(JOB_SPEC_ENV)
+    store, metrics = None, {}
+    if rank == 0 or raw is None:
+        if not db.is_file():
+            log.error("no_job_database", db=str(db), rank=rank)
+            print(
+                f"rank {rank}: the job database {db} is not on this host; rank 0 (the first "
+                "host of the hostfile) must run on the service's host",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        store = JobStore(db)
+        job = store.get(job_id)
+        if job.state is not JobState.RUNNING:
+            log.warning("job_not_running", state=job.state.value)
+            return EXIT_OK
+        metrics = job.metrics
+        if raw is None:
+            raw = JobSpec.of(job, latest_complete_checkpoint(Path(job.output_dir))).to_json()
+    spec = JobSpec.from_json(raw)
+    out = Path(spec.output_dir)
+    write_rank_status(out, rank, spec.attempts, state="running")
+    try:
+        group = _init_distributed()
+    except Exception as exc:  # a rank that never came up: the runner decides (crash)
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("distributed_init_failed", reason=reason)
+        write_rank_status(
+            out,
+            rank,
+            spec.attempts,
+            state="exited",
+            code=EXIT_FAILED,
+            kind="peer_lost",
+            reason=reason,
+        )
+        return EXIT_FAILED
+    return _run(spec, store, stop, group, metrics)
+
+
+def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metrics: dict) -> int:
+    job_id = spec.job_id
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     structlog.contextvars.bind_contextvars(rank=rank)
-    output_dir = Path(job.output_dir)
+    output_dir = Path(spec.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = latest_complete_checkpoint(output_dir)
+    resume_from = Path(spec.resume_from) if spec.resume_from else None
+
+    def status(code: int, kind: str, reason: str = "") -> int:
+        if group is not None:
+            write_rank_status(
+                output_dir,
+                rank,
+                spec.attempts,
+                state="exited",
+                code=code,
+                kind=kind,
+                reason=reason[-2000:],
+            )
+        return code
+
     ctx = JobContext(
         job_id=job_id,
         output_dir=output_dir,
@@ -211,27 +372,35 @@ def run_job(store: JobStore, job_id: str, stop: StopFlag) -> int:
         world_size=world,
         home=Settings.from_env("worker").home,
     )
-    rec = _Recorder(store, job_id, job.metrics) if rank == 0 else None
+    rec = _Recorder(store, job_id, metrics) if rank == 0 and store is not None else None
     if rec is not None:
         ctx.report, ctx.checkpoint_written, ctx.log = rec.report, rec.checkpoint, rec.log
         start = f"resuming from {resume_from}" if resume_from else "starting from step 0"
-        rec.log(f"attempt {job.attempts} (pid {os.getpid()}, {world} process(es)): {start}")
-    log.info("job_start", entry=job.entry, resume_from=str(resume_from or ""), world=world)
+        rec.log(f"attempt {spec.attempts} (pid {os.getpid()}, {world} process(es)): {start}")
+    log.info("job_start", entry=spec.entry, resume_from=str(resume_from or ""), world=world)
     try:
-        result = load_entry(job.entry)(job.config, ctx)
+        if resume_from is not None and not resume_from.is_dir():
+            raise FileNotFoundError(
+                f"rank {rank} cannot read the checkpoint {resume_from} on {socket.gethostname()}:"
+                " the output dir must be on storage every host of the job shares"
+            )
+        result = load_entry(spec.entry)(spec.config, ctx)
         if result is not None and not isinstance(result, CheckpointInfo):
             raise TypeError(f"trainer returned {type(result).__name__}, not CheckpointInfo")
     except Interrupted:
         log.info("job_interrupted", signal=stop.signum)
-        return EXIT_INTERRUPTED
+        return status(EXIT_INTERRUPTED, "interrupted")
     except Exception as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        log.error("job_failed", reason=reason, exc_info=True)
-        if rec is not None:
+        lost = group is not None and is_peer_lost(exc)
+        log.error("job_failed", reason=reason, peer_lost=lost, exc_info=True)
+        if rec is not None and store is not None:
             rec.log(traceback.format_exc()[-20000:], level="error")
-            store.transition(job_id, JobState.FAILED, reason, expect={JobState.RUNNING})
-        return EXIT_FAILED
-    if rec is not None:
+            if not lost:  # a lost peer is a crash elsewhere: the runner reads every rank
+                why = reason if group is None else f"rank 0 of {world} failed: {reason}"
+                store.transition(job_id, JobState.FAILED, why, expect={JobState.RUNNING})
+        return status(EXIT_FAILED, "peer_lost" if lost else "error", reason)
+    if rec is not None and store is not None:
         fields: dict[str, Any] = {"eta_seconds": 0.0}
         if result is not None:
             fields["result"] = checkpoint_payload(result, job_id)
@@ -241,7 +410,7 @@ def run_job(store: JobStore, job_id: str, stop: StopFlag) -> int:
             job_id, JobState.SUCCEEDED, "trainer finished", expect={JobState.RUNNING}, **fields
         )
         log.info("job_done", recorded=done is not None)
-    return EXIT_OK
+    return status(EXIT_OK, "ok")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure("worker")
     structlog.contextvars.bind_contextvars(job_id=args.job, pid=os.getpid())
+    if os.environ.get("MLXU_DISTRIBUTED") == "1":
+        return run_rank(args.db, args.job, stop)
     return run_job(JobStore(args.db), args.job, stop)
 
 
