@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: setup demo test lint protos check bench
+.PHONY: setup demo test lint protos check bench buf-lint
 
 setup:
 	@bash scripts/setup.sh
@@ -22,3 +22,6 @@ protos:
 
 check: lint
 	uv run python scripts/gen_protos.py --check
+
+buf-lint:  # the contracts against buf's STANDARD rules (npm package @bufbuild/buf)
+	cd protos && npx --yes @bufbuild/buf lint
