@@ -481,7 +481,7 @@ NOTES = [
     "Every side trains the same token sequences (tokenized once by services.runtime.datasets) "
     "with the same model, dtype, LoRA layers, AdamW (constant lr) and steps, and (--order "
     "ours, the default) the same rows in each step, in our trainer's order; each pads its own "
-    "way (ours: buckets 32, 64, 128, 256, ... up to seq len; mlx-lm: multiples of 32; torch: "
+    "way (ours: multiples of 32 up to 512, then 128, then 512; mlx-lm: multiples of 32; torch: "
     "one fixed width).",
     "full = every parameter trains on all sides (mlx-lm's CLI would unfreeze only the last "
     "num_layers blocks).",
