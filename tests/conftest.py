@@ -204,3 +204,23 @@ def _kill_workers(home: Path) -> None:
         if b"services.runtime.jobs.worker" in cmd and str(home).encode() in cmd:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(proc.name), signal.SIGKILL)
+
+
+# After every test has run and pytest has printed its summary, leave without the
+# interpreter's teardown: a C++ thread (MLX or gRPC) destroyed at exit intermittently
+# aborts it ("terminate called without an active exception", exit 134) after a green
+# run. The exit status stays pytest's own. MLXU_TEST_SOFT_EXIT=1 restores a normal exit
+# (to chase the root cause).
+_SESSION: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _SESSION["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "status" in _SESSION and not os.environ.get("MLXU_TEST_SOFT_EXIT"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_SESSION["status"])
