@@ -3,6 +3,7 @@
     uv run python bench/bench_kd.py                          # CPU defaults: both parts
     uv run python bench/bench_kd.py --parts speed --models tiny --steps 20
     uv run python bench/bench_kd.py --parts compare --compare-steps 60 --eval-every 10
+    (defaults: ~4.5 min for the speed part, ~4.5 min for a 40-step comparison, idle 2-core CPU)
 
 Part "speed": services.distillation.trainers.kd.run, called directly with a JobContext, for
 logit KD with one teacher, logit KD with two teachers (a mixture), and feature KD (one
@@ -563,7 +564,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="quantize the second copy of a real teacher (MLX's quantized matmul is ~50x "
              "slower than fp32 + OpenBLAS on this CPU)")  # fmt: skip
     add("--compare-teacher", default="smollm2")
-    add("--compare-steps", type=int, default=60)
+    add("--compare-steps", type=int, default=40)
     add("--compare-batch", type=int, default=2)
     add("--compare-seq-len", type=int, default=128)
     add("--compare-lr", type=float, default=5e-5)

@@ -682,7 +682,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--rm-lr", type=float, default=3e-4)
     add("--dpo-steps", type=int, default=24)
     add("--dpo-batch", type=int, default=4)
-    add("--dpo-lr", type=float, default=2e-4)
+    add("--dpo-lr", type=float, default=5e-5)
     add("--beta", type=float, default=0.1)
     add("--samples", type=int, default=2, help="real check: completions per test prompt")
     add("--real-max-tokens", type=int, default=40)
