@@ -310,10 +310,8 @@ def _optimizer_config(v: Any, ctx: _Ctx) -> list[Fragment]:
             if not isinstance(x, list | tuple) or len(x) != 2:
                 raise ConfigError(where, "expected [beta1, beta2]")
             out["beta1"], out["beta2"] = x
-        elif key in ("eps", "weight_decay", "momentum"):
+        elif key in ("eps", "weight_decay", "momentum", "bias_correction"):
             out[key] = x
-        elif key == "bias_correction":
-            ctx.notes.append(f"{where}: ignored (the trainer's optimizer decides)")
         else:
             known = "betas, eps, weight_decay, momentum, bias_correction"
             raise ConfigError(where, f"unknown key (known: {known})")

@@ -15,6 +15,7 @@ with ``fine_tune_type``, ``num_layers``, ``lora_parameters``) plus ``base_model`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +38,22 @@ ADAPTER_CONFIG = "adapter_config.json"
 @dataclass(frozen=True)
 class LoraSettings(DictConfig):
     rank: int = zero_default(8)
-    scale: float = zero_default(20.0)  # mlx-lm's convention (alpha / rank)
+    scale: float = zero_default(20.0)  # mlx-lm's default; peft's lora_alpha / r
     dropout: float = 0.0
     num_layers: int = zero_default(16)  # last N blocks; -1 = all
     keys: tuple[str, ...] = ()  # e.g. ("self_attn.q_proj", "self_attn.v_proj"); () = default
+    alpha: float = 0.0  # peft's lora_alpha: > 0 sets scale = alpha / rank
+
+    def resolve(self) -> LoraSettings:
+        if self.alpha > 0:
+            return dataclasses.replace(self, scale=self.alpha / self.rank)
+        return self
 
     def validate(self, v: Violations, prefix: str) -> None:
         p = f"{prefix}." if prefix else ""
         v.check(0 < self.rank <= 1024, f"{p}rank", "must be in 1..1024")
         v.check(self.scale > 0, f"{p}scale", "must be > 0")
+        v.check(self.alpha >= 0, f"{p}alpha", "must be >= 0 (0 = use scale)")
         v.check(0 <= self.dropout < 1, f"{p}dropout", "must be in [0, 1)")
         v.check(self.num_layers >= 1 or self.num_layers == -1, f"{p}num_layers", ">= 1 or -1")
 

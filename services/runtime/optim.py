@@ -11,6 +11,7 @@ field. ``to_dict`` gives back the fully resolved dict that is saved in every che
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -158,6 +159,9 @@ class OptimizerSettings(DictConfig):
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # final lr = learning_rate * min_lr_ratio
     grad_clip_norm: float = 0.0  # 0 = no clipping
+    # Adam/AdamW (and Muon's AdamW half) as torch.optim: bias-corrected moments. MLX's and
+    # mlx-lm's own default is False, which makes the first updates 3-6x larger.
+    bias_correction: bool = True
 
     def resolve(self) -> OptimizerSettings:
         defaults = _DEFAULTS.get(self.name.lower(), {})
@@ -183,24 +187,36 @@ class OptimizerSettings(DictConfig):
 
 
 def build_lr_schedule(s: OptimizerSettings, total_steps: int):
-    """Linear warmup from 0 over ``warmup_steps``, then cosine / linear decay that reaches
-    lr * min_lr_ratio at the last step (step ``total_steps - 1``); or constant after warmup.
+    """The learning rate of each optimizer update, as transformers' schedulers define it.
+
+    Update ``k`` (0-based) uses ``lr * factor(k)``: a linear warmup ``k / warmup_steps`` (so
+    with warmup the first update has lr 0, as in ``get_*_schedule_with_warmup``), then
+    ``constant`` 1, ``cosine`` ``0.5 * (1 + cos(pi * p))`` or ``linear`` ``1 - p`` with
+    ``p = (k - warmup) / (total_steps - warmup)``, raised to ``min_lr_ratio``
+    (``get_cosine_with_min_lr_schedule_with_warmup``'s ``min_lr_rate``). The decay would reach
+    its floor at update ``total_steps``, which never runs: every update moves the weights.
     Returns a float (constant, no warmup) or an mlx schedule of the optimizer step."""
     lr = s.learning_rate
     warmup = min(s.warmup_steps, max(total_steps - 1, 0))
-    if s.schedule == "constant":
-        decay = None
-    else:
-        steps = max(total_steps - warmup - 1, 1)
-        end = lr * s.min_lr_ratio
-        if s.schedule == "cosine":
-            decay = optim.cosine_decay(lr, steps, end)
+    if s.schedule == "constant" and not warmup:
+        return lr
+    span = float(max(total_steps - warmup, 1))
+    floor = s.min_lr_ratio
+
+    def schedule(step: mx.array) -> mx.array:
+        k = mx.array(step).astype(mx.float32)
+        ramp = k / max(warmup, 1)
+        p = mx.clip((k - warmup) / span, 0.0, 1.0)
+        if s.schedule == "constant":
+            decay = mx.ones_like(p)
+        elif s.schedule == "cosine":
+            decay = 0.5 * (1.0 + mx.cos(math.pi * p))
         else:
-            decay = optim.linear_schedule(lr, end, steps)
-    if not warmup:
-        return lr if decay is None else decay
-    ramp = optim.linear_schedule(0.0, lr, warmup)
-    return optim.join_schedules([ramp, decay or (lambda _: mx.array(lr))], [warmup])
+            decay = 1.0 - p
+        decay = decay * (1.0 - floor) + floor
+        return lr * mx.where(k < warmup, ramp, decay)
+
+    return schedule
 
 
 def _muon_filter(path: str, weight: mx.array) -> bool:
@@ -212,10 +228,13 @@ def build_optimizer(s: OptimizerSettings, total_steps: int) -> optim.Optimizer:
     lr = build_lr_schedule(s, total_steps)
     wd = float(s.weight_decay or 0.0)
     betas = [s.beta1, s.beta2]
+    bc = s.bias_correction
     if s.name == "adamw":
-        return optim.AdamW(learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd)
+        return optim.AdamW(
+            learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd, bias_correction=bc
+        )
     if s.name == "adam":
-        return optim.Adam(learning_rate=lr, betas=betas, eps=s.eps)
+        return optim.Adam(learning_rate=lr, betas=betas, eps=s.eps, bias_correction=bc)
     if s.name == "sgd":
         return optim.SGD(learning_rate=lr, momentum=s.momentum, weight_decay=wd)
     if s.name == "adafactor":
@@ -227,7 +246,9 @@ def build_optimizer(s: OptimizerSettings, total_steps: int) -> optim.Optimizer:
         return optim.Lion(learning_rate=lr, betas=betas, weight_decay=wd)
     if s.name == "muon":
         muon = optim.Muon(learning_rate=lr, momentum=s.momentum, weight_decay=wd)
-        rest = optim.AdamW(learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd)
+        rest = optim.AdamW(
+            learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd, bias_correction=bc
+        )
         return optim.MultiOptimizer([muon, rest], [_muon_filter])
     raise InvalidArgument.one("optimizer.name", f"unknown optimizer {s.name!r}")
 

@@ -134,7 +134,7 @@ labels: {team: nlp, run: 3}
     [
         ({"itres": 3}, "itres", "did you mean 'iters'?"),
         ({"loop": {"max_stps": 1}}, "loop.max_stps", "did you mean 'max_steps'?"),
-        ({"lora_parameters": {"alpha": 16}}, "lora_parameters.alpha", "unknown key"),
+        ({"lora_parameters": {"lora_alpha": 16}}, "lora_parameters.lora_alpha", "unknown key"),
         ({"optimizer_config": {"adam": {"foo": 1}}}, "optimizer_config.adam.foo", "unknown key"),
         ({"iters": "many"}, "iters", "expected an integer"),
         ({"method": "lorax"}, "method", "one of: full, lora, dora, qlora"),

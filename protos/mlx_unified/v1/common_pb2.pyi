@@ -125,18 +125,20 @@ class DatasetRef(_message.Message):
     def __init__(self, path: _Optional[str] = ..., format: _Optional[_Union[DatasetFormat, str]] = ..., valid_path: _Optional[str] = ..., valid_fraction: _Optional[float] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
-    __slots__ = ("rank", "scale", "dropout", "num_layers", "keys")
+    __slots__ = ("rank", "scale", "dropout", "num_layers", "keys", "alpha")
     RANK_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
     rank: int
     scale: float
     dropout: float
     num_layers: int
     keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, rank: _Optional[int] = ..., scale: _Optional[float] = ..., dropout: _Optional[float] = ..., num_layers: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    alpha: float
+    def __init__(self, rank: _Optional[int] = ..., scale: _Optional[float] = ..., dropout: _Optional[float] = ..., num_layers: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class QuantizationConfig(_message.Message):
     __slots__ = ("bits", "group_size")
@@ -147,7 +149,7 @@ class QuantizationConfig(_message.Message):
     def __init__(self, bits: _Optional[int] = ..., group_size: _Optional[int] = ...) -> None: ...
 
 class OptimizerConfig(_message.Message):
-    __slots__ = ("name", "learning_rate", "weight_decay", "beta1", "beta2", "eps", "momentum", "schedule", "warmup_steps", "min_lr_ratio", "grad_clip_norm")
+    __slots__ = ("name", "learning_rate", "weight_decay", "beta1", "beta2", "eps", "momentum", "schedule", "warmup_steps", "min_lr_ratio", "grad_clip_norm", "bias_correction")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +161,7 @@ class OptimizerConfig(_message.Message):
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
     GRAD_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    BIAS_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     name: OptimizerName
     learning_rate: float
     weight_decay: float
@@ -170,7 +173,8 @@ class OptimizerConfig(_message.Message):
     warmup_steps: int
     min_lr_ratio: float
     grad_clip_norm: float
-    def __init__(self, name: _Optional[_Union[OptimizerName, str]] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., schedule: _Optional[_Union[LrSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ...) -> None: ...
+    bias_correction: bool
+    def __init__(self, name: _Optional[_Union[OptimizerName, str]] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., schedule: _Optional[_Union[LrSchedule, str]] = ..., warmup_steps: _Optional[int] = ..., min_lr_ratio: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., bias_correction: _Optional[bool] = ...) -> None: ...
 
 class LoopConfig(_message.Message):
     __slots__ = ("batch_size", "grad_accumulation_steps", "max_steps", "epochs", "max_seq_length", "seed", "steps_per_report", "steps_per_eval", "val_batches", "steps_per_checkpoint", "keep_last_checkpoints", "grad_checkpoint", "mask_prompt", "dtype")
