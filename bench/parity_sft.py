@@ -103,7 +103,85 @@ VARIANTS: dict[str, tuple[Callable[[int, str], dict], int, str]] = {
         1,
         "Adam (no weight decay), constant lr, no clipping",
     ),
+    "sft_full_sgd": (
+        _variant(
+            method="full",
+            optimizer={
+                "name": "sgd",
+                "learning_rate": 0.1,
+                "momentum": 0.9,
+                "weight_decay": 0.01,
+                "schedule": "linear",
+            },  # fmt: skip
+        ),
+        1,
+        "SGD with momentum and (coupled) weight decay, as torch.optim.SGD",
+    ),
+    "sft_full_muon": (
+        _variant(
+            method="full",
+            optimizer={
+                "name": "muon",
+                "learning_rate": 2e-2,
+                "momentum": 0.95,
+                "weight_decay": 0.01,
+                "schedule": "constant",
+                "warmup_steps": 0,
+            },  # fmt: skip
+        ),
+        1,
+        "torch.optim.Muon on the blocks' matrices, AdamW on embeddings, head and norms "
+        "(in fp32 runs the reference's Newton-Schulz runs in fp32: torch's runs it in bf16 by "
+        "design, which alone moves the weights ~2%)",
+    ),
 }
+
+
+class _Both:
+    """Two torch optimizers (Muon + AdamW) stepped as one, as our MultiOptimizer does."""
+
+    def __init__(self, *parts) -> None:
+        self.parts = parts
+
+    def step(self) -> None:
+        for p in self.parts:
+            p.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.parts:
+            p.zero_grad(set_to_none=set_to_none)
+
+
+def _muon_reference(trainable: list, opt: dict, total: int):
+    import torch
+
+    def is_matrix(name: str, p) -> bool:  # services.runtime.optim._muon_filter
+        return p.ndim >= 2 and "embed" not in name and "lm_head" not in name
+
+    mats = [p for n, p in trainable if is_matrix(n, p)]
+    rest = [p for n, p in trainable if not is_matrix(n, p)]
+    lr, wd = float(opt["learning_rate"]), float(opt.get("weight_decay") or 0.0)
+    if mats and mats[0].dtype == torch.float32:
+        import torch.optim._muon as tm
+
+        original = tm._zeropower_via_newtonschulz
+
+        def fp32_ns(grad, coefficients, steps, eps):  # same iteration, without the bf16 cast
+            x = grad.float()
+            x = x.T if grad.size(0) > grad.size(1) else x
+            x = x / x.norm().clamp(min=eps)
+            a, b, c = coefficients
+            for _ in range(steps):
+                gram = x @ x.T
+                x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+            return x.T if grad.size(0) > grad.size(1) else x
+
+        tm._zeropower_via_newtonschulz = fp32_ns
+        assert original is not fp32_ns
+    muon = torch.optim.Muon(mats, lr=lr, weight_decay=wd, momentum=float(opt["momentum"]),
+                            nesterov=True)  # fmt: skip
+    adamw, sched_b = pc.torch_optimizer(rest, opt | {"name": "adamw"}, total)
+    return _Both(muon, adamw), sched_b
 
 
 # ---------------------------------------------------------------- the reference
@@ -176,7 +254,10 @@ def reference(run: pc.OursRun, config: dict, device: str, dtype: str) -> dict[st
     params = [p for _, p in trainable]
     opt = config["optimizer"]
     total = len(run.batches)
-    optimizer, sched = pc.torch_optimizer(params, opt, total)
+    if opt.get("name") == "muon":  # constant lr only: one scheduler drives the AdamW half
+        optimizer, sched = _muon_reference(trainable, opt, total)
+    else:
+        optimizer, sched = pc.torch_optimizer(params, opt, total)
     losses = []
     vocab = model.config.vocab_size
     for micro in run.batches:

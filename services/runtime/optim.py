@@ -219,6 +219,23 @@ def build_lr_schedule(s: OptimizerSettings, total_steps: int):
     return schedule
 
 
+class _Muon(optim.Muon):
+    """mlx.optimizers.Muon with decoupled weight decay, as torch.optim.Muon and the Muon
+    reference (Jordan et al. 2024, Moonlight) apply it: ``p <- p (1 - lr wd)`` before the
+    orthogonalised update. MLX's own Muon adds ``wd * p`` to the gradient instead, which then
+    passes through the momentum and the Newton-Schulz orthogonalisation."""
+
+    def __init__(self, learning_rate, momentum: float, weight_decay: float) -> None:
+        super().__init__(learning_rate=learning_rate, momentum=momentum, weight_decay=0.0)
+        self.decoupled_weight_decay = weight_decay
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        if self.decoupled_weight_decay:
+            lr = self.learning_rate.astype(gradient.dtype)
+            parameter = parameter * (1 - lr * self.decoupled_weight_decay)
+        return super().apply_single(gradient, parameter, state)
+
+
 def _muon_filter(path: str, weight: mx.array) -> bool:
     # Muon orthogonalises matrix updates; embeddings, the output head and vectors stay on AdamW.
     return weight.ndim >= 2 and "embed" not in path and "lm_head" not in path
@@ -245,7 +262,7 @@ def build_optimizer(s: OptimizerSettings, total_steps: int) -> optim.Optimizer:
     if s.name == "lion":
         return optim.Lion(learning_rate=lr, betas=betas, weight_decay=wd)
     if s.name == "muon":
-        muon = optim.Muon(learning_rate=lr, momentum=s.momentum, weight_decay=wd)
+        muon = _Muon(learning_rate=lr, momentum=s.momentum, weight_decay=wd)
         rest = optim.AdamW(
             learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd, bias_correction=bc
         )
