@@ -219,6 +219,11 @@ def torch_optimizer(params: list, opt: dict, total_steps: int):
     elif name == "sgd":
         o = torch.optim.SGD(params, lr=lr, momentum=float(opt.get("momentum") or 0.0),
                             weight_decay=wd)  # fmt: skip
+    elif name == "adafactor":  # transformers' Adafactor with an external lr (as ours)
+        from transformers.optimization import Adafactor
+
+        o = Adafactor(params, lr=lr, weight_decay=wd, relative_step=False,
+                      scale_parameter=False, warmup_init=False)  # fmt: skip
     else:
         raise ValueError(f"no torch reference for optimizer {name!r}")
     schedule = opt.get("schedule", "cosine")

@@ -117,6 +117,11 @@ VARIANTS: dict[str, tuple[Callable[[int, str], dict], int, str]] = {
         1,
         "SGD with momentum and (coupled) weight decay, as torch.optim.SGD",
     ),
+    "sft_full_adafactor": (
+        _variant(method="full", optimizer={"name": "adafactor", "learning_rate": 1e-2}),
+        1,
+        "transformers' Adafactor (factored second moment, update clipping, external lr)",
+    ),
     "sft_full_muon": (
         _variant(
             method="full",
