@@ -71,7 +71,7 @@ class Features:
 @dataclass(frozen=True)
 class OnPolicy:
     fraction: float = 0.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128  # TRL GKDConfig.max_new_tokens
     temperature: float = 1.0
 
 
@@ -233,7 +233,7 @@ def parse(config: dict) -> DistillConfig:
     oraw = cfg.get("on_policy") or {}
     on_policy = OnPolicy(
         fraction=float(oraw.get("fraction") or 0.0),
-        max_new_tokens=int(oraw.get("max_new_tokens") or 64),
+        max_new_tokens=int(oraw.get("max_new_tokens") or OnPolicy.max_new_tokens),
         temperature=float(oraw.get("temperature") or 1.0),
     )
     v.check(0.0 <= on_policy.fraction <= 1.0, "spec.on_policy.fraction", "must be in [0, 1]")
