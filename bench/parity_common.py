@@ -412,6 +412,10 @@ def parse_args(description: str, argv: list[str] | None = None):
     import mlx.core as mx
 
     mx.set_default_device(mx.cpu if args.device == "cpu" else mx.gpu)
+    if args.device == "cpu":
+        import torch
+
+        torch.set_num_threads(1)  # tiny matmuls: torch's thread pool was ~15x slower on 2 cores
     return args
 
 

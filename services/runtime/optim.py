@@ -236,6 +236,44 @@ class _Muon(optim.Muon):
         return super().apply_single(gradient, parameter, state)
 
 
+def _one_minus_pow(beta: float, step: mx.array) -> mx.array:
+    """``1 - beta ** step`` as ``-expm1(step * log(beta))``: exact to float32 rounding.
+
+    mlx's Adam evaluates ``1 - beta ** step`` in float32, where 0.999 is 0.99900001, so
+    ``1 - beta2`` comes out 1.3e-5 too small and each early step ~6e-6 too large against
+    torch.optim (which computes its bias corrections in float64); over 20 PPO iterations
+    (80 updates) that moved the loss 1e-2 off its torch reference (bench/parity_rl.py)."""
+    if beta == 0.0:
+        return mx.ones_like(step)
+    return -mx.expm1(step * math.log(beta))
+
+
+def _adam_step(opt, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+    """mlx.optimizers.Adam.apply_single with accurate bias corrections."""
+    lr = opt.learning_rate.astype(gradient.dtype)
+    b1, b2 = opt.betas
+    m = b1 * state["m"] + (1 - b1) * gradient
+    v = b2 * state["v"] + (1 - b2) * mx.square(gradient)
+    state["m"], state["v"] = m, v
+    if not opt.bias_correction:
+        return parameter - lr * m / (mx.sqrt(v) + opt.eps)
+    t = opt.step.astype(mx.float32)
+    c1 = (lr / _one_minus_pow(b1, t)).astype(gradient.dtype)
+    c2 = mx.rsqrt(_one_minus_pow(b2, t)).astype(gradient.dtype)
+    return parameter - c1 * m / (mx.sqrt(v) * c2 + opt.eps)
+
+
+class _Adam(optim.Adam):
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        return _adam_step(self, gradient, parameter, state)
+
+
+class _AdamW(optim.AdamW):
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
+        lr = self.learning_rate.astype(gradient.dtype)
+        return _adam_step(self, gradient, parameter * (1 - lr * self.weight_decay), state)
+
+
 def _muon_filter(path: str, weight: mx.array) -> bool:
     # Muon orthogonalises matrix updates; embeddings, the output head and vectors stay on AdamW.
     return weight.ndim >= 2 and "embed" not in path and "lm_head" not in path
@@ -247,11 +285,9 @@ def build_optimizer(s: OptimizerSettings, total_steps: int) -> optim.Optimizer:
     betas = [s.beta1, s.beta2]
     bc = s.bias_correction
     if s.name == "adamw":
-        return optim.AdamW(
-            learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd, bias_correction=bc
-        )
+        return _AdamW(learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd, bias_correction=bc)
     if s.name == "adam":
-        return optim.Adam(learning_rate=lr, betas=betas, eps=s.eps, bias_correction=bc)
+        return _Adam(learning_rate=lr, betas=betas, eps=s.eps, bias_correction=bc)
     if s.name == "sgd":
         return optim.SGD(learning_rate=lr, momentum=s.momentum, weight_decay=wd)
     if s.name == "adafactor":
@@ -263,9 +299,7 @@ def build_optimizer(s: OptimizerSettings, total_steps: int) -> optim.Optimizer:
         return optim.Lion(learning_rate=lr, betas=betas, weight_decay=wd)
     if s.name == "muon":
         muon = _Muon(learning_rate=lr, momentum=s.momentum, weight_decay=wd)
-        rest = optim.AdamW(
-            learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd, bias_correction=bc
-        )
+        rest = _AdamW(learning_rate=lr, betas=betas, eps=s.eps, weight_decay=wd, bias_correction=bc)
         return optim.MultiOptimizer([muon, rest], [_muon_filter])
     raise InvalidArgument.one("optimizer.name", f"unknown optimizer {s.name!r}")
 
