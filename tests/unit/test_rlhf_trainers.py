@@ -4,6 +4,7 @@ validation, and short real training runs of the reward model, DPO, PPO and GRPO.
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -374,8 +375,10 @@ def test_grpo_raises_a_token_count_reward(tiny_model, prompts, tmp_path):
     from services.rlhf.trainers import grpo
 
     # k3's exp(ref - logp) makes raw GRPO gradients spiky: clip them, as one would in practice.
-    opt = {"learning_rate": 3e-3, "schedule": "constant", "grad_clip_norm": 1.0}
-    cfg = _rl_cfg(tiny_model, prompts, group_size=4, optimizer=opt)
+    # beta > 0 (TRL's default is 0) so that the reference path is exercised too.
+    # 1e-2: with torch's bias-corrected Adam the first updates are smaller than they were.
+    opt = {"learning_rate": 1e-2, "schedule": "constant", "grad_clip_norm": 1.0}
+    cfg = _rl_cfg(tiny_model, prompts, group_size=4, beta=0.04, optimizer=opt)
     cfg["loop"] = {**cfg["loop"], "batch_size": 16}
     reports: list = []
     info = grpo.run(cfg, _ctx(tmp_path / "grpo", reports))
@@ -383,3 +386,71 @@ def test_grpo_raises_a_token_count_reward(tiny_model, prompts, tmp_path):
     assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 2.0
     assert np.isfinite(reports[-1].metrics["kl"])
     assert not (info.path / heads.HEAD_FILE).exists()
+
+
+def test_grpo_defaults_are_trl_grpo_config():
+    from services.rlhf.trainers.grpo import GRPOConfig
+
+    base = {"policy": {"model": "m"}, "reward": {"reward_function": "length"}}
+    c = GRPOConfig.from_dict(base)
+    # trl 1.16 GRPOConfig: num_generations 8, beta 0.0, epsilon 0.2, loss_type "dapo",
+    # scale_rewards "group", num_iterations 1.
+    assert (c.group_size, c.beta, c.clip_range) == (8, 0.0, 0.2)
+    assert (c.loss_type, c.scale_rewards, c.num_iterations) == ("dapo", "group", 1)
+    # beta 0 is a value, not "unset" (it used to become 0.04, and loaded a reference)
+    assert GRPOConfig.from_dict({**base, "beta": 0.0}).beta == 0.0
+    with pytest.raises(InvalidArgument):
+        GRPOConfig.from_dict({**base, "loss_type": "sapo"})
+
+
+def test_grpo_iterations_reuse_one_split_and_record_every_update(tiny_model, prompts, tmp_path):
+    """num_iterations passes over the same minibatches (TRL reuses its buffered split), and
+    the recording hook sees every update with the rows it consumed."""
+    from services.rlhf.trainers import grpo
+    from services.rlhf.trainers.rollout import RECORD
+
+    cfg = _rl_cfg(tiny_model, prompts, group_size=2, num_iterations=2,
+                  rollout={"batch_size": 2, "sampling": {"max_tokens": 4}})  # fmt: skip
+    cfg["loop"] = {**cfg["loop"], "max_steps": 1, "batch_size": 2}
+    events: list = []
+    ctx = _ctx(tmp_path / "g", [])
+    ctx.extra[RECORD] = events.append
+    grpo.run(cfg, ctx)
+    assert [e["event"] for e in events] == ["start", "step"]
+    assert "model.embed_tokens.weight" in events[0]["params"]  # full fine-tuning
+    rows = [sorted(idx.tolist()) for idx, _ in events[1]["updates"]]
+    assert len(rows) == 4 and rows[:2] == rows[2:]
+    assert sorted(rows[0] + rows[1]) == [0, 1, 2, 3]
+    # dapo: the rollout batch's tokens over its 2 minibatches
+    assert float(events[1]["normalizer"]) == pytest.approx(events[1]["mask"].sum() / 2)
+
+
+def test_ppo_lr_schedule_steps_once_per_iteration():
+    """TRL's PPOTrainer steps its scheduler once per rollout batch: every minibatch update of
+    iteration k uses transformers' warmup + cosine factor of k."""
+    import mlx.nn as nn
+
+    from services.rlhf.trainers.ppo import schedule_per_iteration
+    from services.runtime.optim import OptimizerSettings, build_optimizer
+
+    iterations, updates, warmup, lr = 6, 3, 2, 1e-2
+    s = OptimizerSettings.from_dict(
+        {"learning_rate": lr, "schedule": "cosine", "warmup_steps": warmup}
+    )
+    opt = build_optimizer(s, iterations * updates)
+    schedule_per_iteration(opt, s, iterations, updates)
+    layer = nn.Linear(2, 1)
+    opt.init(layer.trainable_parameters())
+    seen = []
+    for _ in range(iterations * updates):
+        grads = {k: mx.ones_like(v) for k, v in layer.trainable_parameters().items()}
+        opt.update(layer, grads)
+        seen.append(opt.learning_rate.item())
+
+    def factor(k: int) -> float:  # transformers' get_cosine_schedule_with_warmup
+        if k < warmup:
+            return k / warmup
+        return 0.5 * (1 + math.cos(math.pi * (k - warmup) / (iterations - warmup)))
+
+    want = [lr * factor(u // updates) for u in range(iterations * updates)]
+    np.testing.assert_allclose(seen, want, rtol=1e-5, atol=1e-9)

@@ -16,11 +16,35 @@ class DPOLoss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DPO_LOSS_IPO: _ClassVar[DPOLoss]
     DPO_LOSS_HINGE: _ClassVar[DPOLoss]
     DPO_LOSS_ROBUST: _ClassVar[DPOLoss]
+
+class GRPOLossType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRPO_LOSS_TYPE_UNSPECIFIED: _ClassVar[GRPOLossType]
+    GRPO_LOSS_TYPE_DAPO: _ClassVar[GRPOLossType]
+    GRPO_LOSS_TYPE_GRPO: _ClassVar[GRPOLossType]
+    GRPO_LOSS_TYPE_BNPO: _ClassVar[GRPOLossType]
+    GRPO_LOSS_TYPE_DR_GRPO: _ClassVar[GRPOLossType]
+
+class RewardScaling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REWARD_SCALING_UNSPECIFIED: _ClassVar[RewardScaling]
+    REWARD_SCALING_GROUP: _ClassVar[RewardScaling]
+    REWARD_SCALING_BATCH: _ClassVar[RewardScaling]
+    REWARD_SCALING_NONE: _ClassVar[RewardScaling]
 DPO_LOSS_UNSPECIFIED: DPOLoss
 DPO_LOSS_SIGMOID: DPOLoss
 DPO_LOSS_IPO: DPOLoss
 DPO_LOSS_HINGE: DPOLoss
 DPO_LOSS_ROBUST: DPOLoss
+GRPO_LOSS_TYPE_UNSPECIFIED: GRPOLossType
+GRPO_LOSS_TYPE_DAPO: GRPOLossType
+GRPO_LOSS_TYPE_GRPO: GRPOLossType
+GRPO_LOSS_TYPE_BNPO: GRPOLossType
+GRPO_LOSS_TYPE_DR_GRPO: GRPOLossType
+REWARD_SCALING_UNSPECIFIED: RewardScaling
+REWARD_SCALING_GROUP: RewardScaling
+REWARD_SCALING_BATCH: RewardScaling
+REWARD_SCALING_NONE: RewardScaling
 
 class RewardModelSpec(_message.Message):
     __slots__ = ("model", "dataset", "method", "lora", "optimizer", "loop", "resources", "use_margin", "center_rewards_coef", "output_name", "labels")
@@ -220,7 +244,7 @@ class StartPPOResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_common_pb2.Job, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GRPOSpec(_message.Message):
-    __slots__ = ("policy", "reference", "dataset", "reward", "method", "lora", "optimizer", "loop", "resources", "rollout", "group_size", "beta", "clip_range", "output_name", "labels")
+    __slots__ = ("policy", "reference", "dataset", "reward", "method", "lora", "optimizer", "loop", "resources", "rollout", "group_size", "beta", "clip_range", "output_name", "labels", "loss_type", "scale_rewards", "num_iterations")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +267,9 @@ class GRPOSpec(_message.Message):
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     policy: _common_pb2.ModelRef
     reference: _common_pb2.ModelRef
     dataset: _common_pb2.DatasetRef
@@ -258,7 +285,10 @@ class GRPOSpec(_message.Message):
     clip_range: float
     output_name: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., reward: _Optional[_Union[RewardSource, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., rollout: _Optional[_Union[RolloutConfig, _Mapping]] = ..., group_size: _Optional[int] = ..., beta: _Optional[float] = ..., clip_range: _Optional[float] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    loss_type: GRPOLossType
+    scale_rewards: RewardScaling
+    num_iterations: int
+    def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., reward: _Optional[_Union[RewardSource, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., rollout: _Optional[_Union[RolloutConfig, _Mapping]] = ..., group_size: _Optional[int] = ..., beta: _Optional[float] = ..., clip_range: _Optional[float] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., loss_type: _Optional[_Union[GRPOLossType, str]] = ..., scale_rewards: _Optional[_Union[RewardScaling, str]] = ..., num_iterations: _Optional[int] = ...) -> None: ...
 
 class StartGRPORequest(_message.Message):
     __slots__ = ("request_id", "spec")

@@ -7,6 +7,10 @@
      "optimizer": {...}, "loop": {...}, "loss": "sigmoid", "beta": 0.1,
      "label_smoothing": 0.0, "precompute_reference": true}
 
+Defaults follow TRL 1.16's DPOConfig: beta 0.1, the sigmoid loss, label_smoothing 0 (robust
+loss only), learning rate 1e-6 for full training; adapters 1e-5 (TRL's own LoRA example
+scales its full-training rate by 10).
+
 The reference is ``reference`` when given, else the policy's *starting* checkpoint (base +
 its starting adapter), never silently the bare base. With ``precompute_reference`` (default)
 its log-probs of every pair are computed once, before training, and cached in
@@ -80,7 +84,7 @@ class DPOConfig(DictConfig):
 
     @classmethod
     def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> DPOConfig:
-        return super().from_dict(default_lr(data or {}), prefix=prefix)
+        return super().from_dict(default_lr(data or {}, full=1e-6, adapter=1e-5), prefix=prefix)
 
     def resolve(self) -> DPOConfig:
         ref = self.reference if self.reference is not None and self.reference.model else None
@@ -101,10 +105,9 @@ class DPOConfig(DictConfig):
         v.check(self.loss in DPO_LOSSES, f"{p}loss", f"must be one of {DPO_LOSSES}")
         v.check(self.beta > 0, f"{p}beta", "must be > 0")
         v.check(0 <= self.label_smoothing < 0.5, f"{p}label_smoothing", "must be in [0, 0.5)")
-        if self.label_smoothing > 0 and self.loss in ("ipo", "hinge"):
-            v.add(
-                f"{p}label_smoothing", f"applies to the sigmoid and robust losses, not {self.loss}"
-            )
+        if self.label_smoothing > 0 and self.loss != "robust":
+            # TRL 1.16's sigmoid loss ignores label_smoothing (it no longer is cDPO).
+            v.add(f"{p}label_smoothing", f"applies to the robust loss only, not {self.loss}")
         v.check(
             self.dataset.format in ("", "preference"),
             f"{p}dataset.format",

@@ -5,13 +5,19 @@
     {"policy": {"model": "/path"}, "dataset": {"path": "prompts.jsonl"},
      "reward": {"reward_function": "length"}, "method": "lora",
      "rollout": {"batch_size": 8, "sampling": {"max_tokens": 64}},
-     "group_size": 4, "beta": 0.04, "clip_range": 0.2, "loop": {"batch_size": 4}}
+     "group_size": 8, "beta": 0.0, "clip_range": 0.2, "loss_type": "dapo",
+     "scale_rewards": "group", "num_iterations": 1, "loop": {"batch_size": 4}}
 
 One *step*: ``group_size`` completions for each prompt of a rollout batch, rewards
-normalised within each group (``(r - mean) / (std + eps)``), then one pass of clipped-ratio
-updates over minibatches of ``loop.batch_size`` completions with the per-token ``k3``
+normalised within each group (``(r - mean) / (std + 1e-4)``), then ``num_iterations``
+passes of clipped-ratio updates over the same shuffled minibatches of ``loop.batch_size``
+completions (one optimizer step each), with the importance-weighted per-token ``k3``
 estimate of KL(policy || reference) weighted by ``beta`` (no reference is loaded when
-``beta`` is 0). The rollout machinery, checkpoints and exact resume are PPO's.
+``beta`` is 0). The update is TRL GRPOTrainer's (``_compute_loss``, its defaults: loss_type
+"dapo", beta 0, scale_rewards "group", num_generations 8, num_iterations 1), with our
+minibatches as its ``per_device_train_batch_size`` and ``steps_per_generation`` = minibatches
+per rollout batch; bench/parity_rl.py checks it step by step. The rollout machinery,
+checkpoints and exact resume are PPO's.
 
 Data parallel (``resources.num_processes`` > 1): ``rollout.batch_size`` prompts and
 ``loop.batch_size`` completions per minibatch are global; each rank samples whole groups for
@@ -32,6 +38,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from services.rlhf.trainers import (
     Checkpointer,
@@ -48,6 +55,8 @@ from services.rlhf.trainers.data_parallel import (
     mean_over_ranks,
 )
 from services.rlhf.trainers.losses import (
+    GRPO_LOSSES,
+    REWARD_SCALES,
     aux,
     entropy,
     group_advantages,
@@ -67,7 +76,13 @@ from services.rlhf.trainers.ppo import (
 )
 from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
 from services.rlhf.trainers.rewards import RewardSourceSettings
-from services.rlhf.trainers.rollout import RolloutRNG, RolloutSettings, completion_logits
+from services.rlhf.trainers.rollout import (
+    RolloutRNG,
+    RolloutSettings,
+    completion_logits,
+    record,
+    recorder,
+)
 from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.errors import Violations
@@ -99,9 +114,12 @@ class GRPOConfig(DictConfig):
     loop: LoopSettings = sub(LoopSettings)
     resources: ResourcesSettings = sub(ResourcesSettings)
     rollout: RolloutSettings = sub(RolloutSettings)
-    group_size: int = zero_default(4)
-    beta: float = zero_default(0.04)
-    clip_range: float = zero_default(0.2)
+    group_size: int = zero_default(8)  # TRL's num_generations
+    beta: float = 0.0  # TRL's default: no KL term, no reference model
+    clip_range: float = zero_default(0.2)  # TRL's epsilon
+    loss_type: str = zero_default("dapo")
+    scale_rewards: str = zero_default("group")
+    num_iterations: int = zero_default(1)  # TRL's num_iterations (mu in the GRPO paper)
     output_name: str = ""
     labels: dict[str, str] = field(default_factory=dict)
 
@@ -120,6 +138,13 @@ class GRPOConfig(DictConfig):
         v.check(2 <= self.group_size <= 256, f"{p}group_size", "must be between 2 and 256")
         v.check(self.beta >= 0, f"{p}beta", "must be >= 0")
         v.check(self.clip_range > 0, f"{p}clip_range", "must be > 0")
+        v.check(self.loss_type in GRPO_LOSSES, f"{p}loss_type", f"must be one of {GRPO_LOSSES}")
+        v.check(
+            self.scale_rewards in REWARD_SCALES,
+            f"{p}scale_rewards",
+            f"must be one of {REWARD_SCALES}",
+        )
+        v.check(1 <= self.num_iterations <= 100, f"{p}num_iterations", "must be 1..100")
         self.reward.check(v, f"{p}reward")
         check_prompt_format(v, self.dataset, p)
         check_data_parallel(
@@ -147,6 +172,9 @@ def make_loss(cfg: GRPOConfig):
             mb["mask"],
             clip=cfg.clip_range,
             beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            normalizer=mb["normalizer"],
+            max_completion_length=cfg.rollout.sampling.max_tokens,
         )
         return loss, {k: aux(v) for k, v in stats.items()}
 
@@ -169,7 +197,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     score = reward_fn(cfg.reward, tokenizer, loop.dtype)
     prompts = prompt_data(cfg, tokenizer, world)
     total = loop.max_steps or loop.epochs * prompts.steps_per_epoch
-    per_step = math.ceil(cfg.rollout.batch_size * G / loop.batch_size)
+    per_step = math.ceil(cfg.rollout.batch_size * G / loop.batch_size) * cfg.num_iterations
     optimizer = build_optimizer(cfg.optimizer, total * per_step)
     optimizer.init(model.trainable_parameters())
     seed = loop.seed if cfg.rollout.sampling.seed is None else cfg.rollout.sampling.seed
@@ -183,6 +211,8 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
     prompt_iter = iter(prompts)
     minibatch = loop.batch_size // world.size()  # this rank's share
+    hook = recorder(ctx)
+    record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
 
     def one_step(step: int) -> tuple[dict[str, float], int]:
         got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter), group=G, world=world)
@@ -197,20 +227,42 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         ent = masked_mean(entropy(lg), batch["mask"])
         model.train()
         ref = reference_logps(reference, batch, temp) if reference is not None else old_logps
-        adv = group_advantages(mx.array(rewards), G)
+        # Advantages from every rank's rewards (TRL gathers them too): "batch" scaling needs
+        # the std of the whole rollout batch; this rank keeps its own rows.
+        everyone = gather_rows(mx.array(rewards), world)
+        adv = group_advantages(everyone, G, scale=cfg.scale_rewards)
+        adv = adv.reshape(world.size(), -1)[world.rank()]
         mx.eval(old_logps, ref, adv, ent)
         t_score = time.perf_counter() - tic + t_reward
 
         tic = time.perf_counter()
         data = {**batch, "old_logps": old_logps, "ref_logps": ref, "advantages": adv}
+        # TRL shuffles a generation batch once and reuses that split for every iteration.
+        order = minibatches(len(ids), minibatch, loop.seed, step, 0)
+        # "dapo" divides each minibatch's token sum by the rollout batch's token count (all
+        # ranks) over the minibatches it is split into: TRL's num_items_in_batch / processes
+        # / steps_per_generation.
+        n_tokens = float(batch["mask"].sum().item())
+        if world.size() > 1:
+            n_tokens = mx.distributed.all_sum(mx.array(n_tokens), stream=mx.cpu).item()
+        normalizer = mx.array(n_tokens / world.size() / len(order), mx.float32)
         sums: dict[str, float] = {}
+        done: list[tuple[np.ndarray, float]] = []
         n = 0
-        for idx in minibatches(len(ids), minibatch, loop.seed, step, 0):
-            mx.random.seed((loop.seed * 1_000_003 + step * 1009 + n) % 2**63)
-            loss, m = update(take(data, idx))
-            for k, v in {"loss": loss, **m}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
+        for _ in range(cfg.num_iterations):
+            for idx in order:
+                mx.random.seed((loop.seed * 1_000_003 + step * 1009 + n) % 2**63)
+                loss, m = update({**take(data, idx), "normalizer": normalizer})
+                for k, v in {"loss": loss, **m}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                done.append((idx, loss))
+                n += 1
+        record(
+            hook, event="step", step=step, prompt_ids=got.rollout.prompt_ids,
+            completion_ids=got.rollout.completion_ids, mask=batch["mask"], scores=rewards,
+            updates=done, old_logps=old_logps, ref_logps=ref, advantages=adv,
+            normalizer=normalizer,
+        )  # fmt: skip
         t_update = time.perf_counter() - tic
         metrics = {k: v / n for k, v in sums.items()}
         metrics.update(
@@ -220,7 +272,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         )
         # Equal shares: the mean over ranks is the mean over the whole rollout batch.
         metrics = mean_over_ranks(metrics, world)
-        groups = np.array(gather_rows(mx.array(rewards), world)).reshape(-1, G)
+        groups = np.array(everyone).reshape(-1, G)
         metrics.update(
             reward_mean=float(groups.mean()),
             reward_std=float(groups.std(axis=1).mean()),

@@ -118,20 +118,27 @@ def dpo_loss(
     """Per-pair DPO-family losses and implicit rewards, all ``[B]``.
 
     Inputs are sequence log-probs (summed over completion tokens; IPO callers pass the
-    per-token mean, as in the IPO paper). ``h = (pi_c - pi_r) - (ref_c - ref_r)``:
+    per-token mean, as TRL does). ``h = (pi_c - pi_r) - (ref_c - ref_r)``, as TRL 1.16's
+    ``DPOTrainer``:
 
-    - sigmoid: ``-(1-e) log s(b h) - e log s(-b h)`` (e > 0 is conservative DPO)
-    - ipo:     ``(h - 1/(2 b))^2``
+    - sigmoid: ``-log s(b h)``
+    - ipo:     ``(h - 1/(2 b))^2`` (``b`` is the paper's tau)
     - hinge:   ``max(0, 1 - b h)``
     - robust:  ``(-(1-e) log s(b h) + e log s(-b h)) / (1 - 2e)`` (unbiased under label
       noise e; needs e < 0.5)
+
+    ``label_smoothing`` belongs to the robust loss only: TRL 1.16's sigmoid loss no longer
+    smooths (the older "conservative DPO" form), so a smoothing given to another loss is an
+    error here rather than a silently different objective.
 
     Returns ``(losses, chosen_rewards, rejected_rewards)`` with rewards ``b (pi - ref)``.
     """
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     e = label_smoothing
+    if e and loss_type != "robust":
+        raise ValueError(f"label_smoothing applies to the robust DPO loss, not {loss_type!r}")
     if loss_type == "sigmoid":
-        losses = -(1 - e) * nn.log_sigmoid(beta * h) - e * nn.log_sigmoid(-beta * h)
+        losses = -nn.log_sigmoid(beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
@@ -215,13 +222,29 @@ def ppo_value_loss(
 
 # -- GRPO --------------------------------------------------------------------------------------
 
+# TRL GRPOTrainer's loss aggregations (GRPOConfig.loss_type); "dapo" is TRL's default.
+GRPO_LOSSES = ("dapo", "grpo", "bnpo", "dr_grpo")
+REWARD_SCALES = ("group", "batch", "none")
 
-def group_advantages(rewards: mx.array, group_size: int, eps: float = 1e-4) -> mx.array:
-    """``(r - mean_group) / (std_group + eps)`` for ``rewards [N*G]`` laid out group by group
-    (the G completions of one prompt are contiguous). Unbiased std, as in TRL."""
+
+def group_advantages(
+    rewards: mx.array, group_size: int, eps: float = 1e-4, scale: str = "group"
+) -> mx.array:
+    """``(r - mean_group) / (std + eps)`` for ``rewards [N*G]`` laid out group by group (the G
+    completions of one prompt are contiguous), as TRL's GRPOTrainer: ``scale`` "group" divides
+    by each group's std, "batch" by the std of every reward, "none" not at all (Dr. GRPO).
+    Unbiased (Bessel-corrected) stds, as TRL's ``nanstd``."""
     r = rewards.reshape(-1, group_size)
     mean = r.mean(axis=1, keepdims=True)
-    std = mx.sqrt(((r - mean) ** 2).sum(axis=1, keepdims=True) / max(group_size - 1, 1))
+    if scale == "none":
+        return (r - mean).reshape(-1)
+    if scale == "batch":
+        n = rewards.size
+        std = mx.sqrt(((rewards - rewards.mean()) ** 2).sum() / max(n - 1, 1))
+    elif scale == "group":
+        std = mx.sqrt(((r - mean) ** 2).sum(axis=1, keepdims=True) / max(group_size - 1, 1))
+    else:
+        raise ValueError(f"unknown reward scaling {scale!r}; expected one of {REWARD_SCALES}")
     return ((r - mean) / (std + eps)).reshape(-1)
 
 
@@ -240,18 +263,41 @@ def grpo_loss(
     *,
     clip: float,
     beta: float,
+    loss_type: str = "dapo",
+    normalizer: mx.array | float | None = None,
+    max_completion_length: int = 0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
-    """Clipped surrogate with a per-sequence advantage plus ``beta * k3`` KL to the reference,
-    averaged over each completion's tokens, then over completions (Shao et al. 2024)."""
+    """TRL GRPOTrainer's ``_compute_loss`` (token-level importance sampling, one ``clip`` both
+    sides): per token ``-min(r A, clip(r, 1-c, 1+c) A) + beta * r * k3`` with ``r`` the ratio
+    to the rollout-time policy (the KL term importance-weighted by ``r``, TRL's default
+    ``use_bias_correction_kl``), aggregated by ``loss_type``:
+
+    - dapo:    sum over the minibatch's tokens / ``normalizer`` (TRL: the whole generation
+               batch's token count / the number of minibatches it is split into)
+    - grpo:    mean over each completion's tokens, then over completions (Shao et al. 2024)
+    - bnpo:    mean over the minibatch's tokens
+    - dr_grpo: sum / (completions * ``max_completion_length``) (Liu et al. 2025)
+    """
     ratio = mx.exp(logps - old_logps)
     adv = advantages[:, None]
     surrogate = mx.minimum(ratio * adv, mx.clip(ratio, 1.0 - clip, 1.0 + clip) * adv)
-    kl = k3_kl(logps, ref_logps)
-    per_token = -(surrogate - beta * kl)
-    loss = masked_mean(per_token, mask, axis=1).mean()
+    per_token = -surrogate
+    kl = k3_kl(logps, ref_logps) * ratio if beta else None
+    if kl is not None:
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = masked_mean(per_token, mask, axis=1).mean()
+    elif loss_type == "bnpo":
+        loss = masked_mean(per_token, mask)
+    elif loss_type == "dr_grpo":
+        loss = masked_sum(per_token, mask) / (per_token.shape[0] * max_completion_length)
+    elif loss_type == "dapo":
+        norm = mask.sum() if normalizer is None else normalizer
+        loss = masked_sum(per_token, mask) / mx.maximum(norm, 1.0)
+    else:
+        raise ValueError(f"unknown GRPO loss {loss_type!r}; expected one of {GRPO_LOSSES}")
     clipped = ((ratio < 1.0 - clip) & (adv < 0)) | ((ratio > 1.0 + clip) & (adv > 0))
-    stats = {
-        "kl": mx.stop_gradient(masked_mean(kl, mask)),
-        "clipfrac": mx.stop_gradient(masked_mean(clipped.astype(mx.float32), mask)),
-    }
+    stats = {"clipfrac": mx.stop_gradient(masked_mean(clipped.astype(mx.float32), mask))}
+    if kl is not None:
+        stats["kl"] = mx.stop_gradient(masked_mean(kl, mask))
     return loss, stats

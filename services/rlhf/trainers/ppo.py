@@ -11,8 +11,11 @@ One *step* is one PPO iteration: sample a completion per prompt of a rollout bat
 it, add the per-token KL penalty ``-kl_coef * (log pi - log ref)`` to the rewards, run GAE
 on the value head's estimates, then ``ppo_epochs`` passes of clipped policy + clipped value
 updates over shuffled minibatches. The policy and the value share the trunk (a value head
-on the LM). Checkpoints hold the policy, its value head and the trainer state (optimizer,
-step, KL controller, rollout RNG, prompt position), so a resumed job continues exactly.
+on the LM). The update is TRL's classic PPOTrainer (v0.11: ``compute_rewards``,
+``compute_advantages``, ``loss``, ``AdaptiveKLController``; its scheduler steps once per PPO
+iteration, not per minibatch); bench/parity_rl.py checks it step by step. Checkpoints
+hold the policy, its value head and the trainer state (optimizer, step, KL controller,
+rollout RNG, prompt position), so a resumed job continues exactly.
 
 Data parallel (``resources.num_processes`` > 1): ``rollout.batch_size`` and
 ``minibatch_size`` are global; each rank samples, scores and trains on its share of the
@@ -41,6 +44,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from services.rlhf.trainers import (
     Checkpointer,
@@ -81,12 +85,15 @@ from services.rlhf.trainers.rewards import (
     parse_reward_function,
 )
 from services.rlhf.trainers.rollout import (
+    Rollout,
     RolloutRNG,
     RolloutSettings,
     completion_logits,
     gather_positions,
     generate,
     pack,
+    record,
+    recorder,
     strip_eos,
 )
 from services.runtime import datasets
@@ -103,6 +110,7 @@ from services.runtime.loop import (
 from services.runtime.optim import (
     DictConfig,
     OptimizerSettings,
+    build_lr_schedule,
     build_optimizer,
     learning_rate,
     zero_default,
@@ -242,6 +250,7 @@ class Sampled:
     texts: list[str]
     prompts: list[Any]  # the raw prompt of each row (repeated per group)
     seconds: float
+    rollout: Rollout | None = None  # the token ids as sampled (completions keep their EOS)
 
 
 def sample(
@@ -269,7 +278,7 @@ def sample(
     ids = [strip_eos(c, eos) for c in out.completion_ids]
     texts = [policy.tokenizer.decode(c) for c in ids]
     batch = pack(out.prompt_ids, out.completion_ids, pad_id(policy.tokenizer))
-    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic)
+    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic, out)
 
 
 def reference_logps(reference: nn.Module, batch: dict, temperature: float) -> mx.array:
@@ -300,6 +309,21 @@ def prompt_data(cfg, tokenizer, world) -> Any:
 
 
 # ---- PPO ----
+
+
+def schedule_per_iteration(
+    optimizer: optim.Optimizer, s: OptimizerSettings, iterations: int, updates: int
+) -> None:
+    """Make the LR schedule advance once per PPO iteration (``updates`` minibatch updates),
+    as TRL's PPOTrainer steps its scheduler once per rollout batch: every update of
+    iteration ``k`` uses ``lr * factor(k)`` over ``iterations`` scheduler steps."""
+    base = build_lr_schedule(s, iterations)
+    if not callable(base):  # constant: nothing to re-time
+        return
+    for o in getattr(optimizer, "optimizers", [optimizer]):
+        # mlx evaluates each entry of _schedulers at the optimizer's update count.
+        o._schedulers["learning_rate"] = lambda step: base(step // updates)
+        o.learning_rate = base(mx.array(0))
 
 
 def make_loss(cfg: PPOConfig) -> Callable:
@@ -339,6 +363,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     total = loop.max_steps or loop.epochs * prompts.steps_per_epoch
     n_mb = math.ceil(cfg.rollout.batch_size / cfg.minibatch_size)
     optimizer = build_optimizer(cfg.optimizer, total * cfg.ppo_epochs * n_mb)
+    schedule_per_iteration(optimizer, cfg.optimizer, total, cfg.ppo_epochs * n_mb)
     optimizer.init(model.trainable_parameters())
     kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
     seed = loop.seed if cfg.rollout.sampling.seed is None else cfg.rollout.sampling.seed
@@ -352,6 +377,8 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
     prompt_iter = iter(prompts)
     minibatch = cfg.minibatch_size // world.size()  # this rank's share
+    hook = recorder(ctx)
+    record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
 
     def one_step(step: int) -> tuple[dict[str, float], int]:
         got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter), world=world)
@@ -382,6 +409,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         data = {**batch, "old_logps": old_logps, "old_values": old_values}
         data.update(advantages=adv, returns=returns)
         sums: dict[str, float] = {}
+        done: list[tuple[np.ndarray, float]] = []
         n = 0
         for epoch in range(cfg.ppo_epochs):
             for idx in minibatches(len(ids), minibatch, loop.seed, step, epoch):
@@ -389,7 +417,14 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
                 loss, m = update(take(data, idx))
                 for k, v in {"loss": loss, **m}.items():
                     sums[k] = sums.get(k, 0.0) + v
+                done.append((idx, loss))
                 n += 1
+        record(
+            hook, event="step", step=step, prompt_ids=got.rollout.prompt_ids,
+            completion_ids=got.rollout.completion_ids, mask=mask, scores=scores, updates=done,
+            kl_coef=kl_coef, old_logps=old_logps, ref_logps=ref, old_values=old_values,
+            advantages=adv, returns=returns,
+        )  # fmt: skip
         t_update = time.perf_counter() - tic
         metrics = {k: v / n for k, v in sums.items()}
         metrics.update(

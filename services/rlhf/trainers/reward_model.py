@@ -6,9 +6,13 @@
      "method": "lora", "lora": {...}, "optimizer": {...}, "loop": {...},
      "use_margin": false, "center_rewards_coef": 0.0}
 
-The reward of a (prompt, answer) is the head's output at the last token. The loss is
-``-log sigmoid(r_chosen - r_rejected [- margin])`` (+ centering), trained with the shared
-loop; the checkpoint is the LM (adapter or full) plus ``value_head.safetensors``.
+The reward of a (prompt, answer) is the head's output at its last real token (TRL's
+``AutoModelForSequenceClassification`` reads the rightmost token that is not the pad id: the
+same position unless an answer ends in the pad token). The loss is
+``-log sigmoid(r_chosen - r_rejected [- margin])`` (+ centering), averaged over pairs, as
+TRL 1.16's RewardTrainer; its default learning rate is TRL's 1e-4. The head's bias stays 0
+(TRL's score layer has none). Trained with the shared loop; the checkpoint is the LM
+(adapter or full) plus ``value_head.safetensors``.
 
     uv run python -m services.rlhf.trainers.reward_model config.json /tmp/rm-out
 """
@@ -47,12 +51,14 @@ def method_name(raw: str) -> str:
     return raw.lower().removeprefix("finetune_method_")
 
 
-def default_lr(data: dict) -> dict:
-    """1e-5 for full fine-tuning, 1e-4 for adapters (as SFT), unless given."""
+def default_lr(data: dict, *, full: float = 1e-5, adapter: float = 1e-4) -> dict:
+    """The learning rate when none is given: ``full`` for full fine-tuning, ``adapter`` for
+    adapters (by default 1e-5 / 1e-4, as SFT)."""
     data = dict(data or {})
     opt = dict(data.get("optimizer") or {})
     if not opt.get("learning_rate"):
-        opt["learning_rate"] = 1e-5 if method_name(data.get("method") or "") == "full" else 1e-4
+        is_full = method_name(data.get("method") or "") == "full"
+        opt["learning_rate"] = full if is_full else adapter
     data["optimizer"] = opt
     return data
 
@@ -73,7 +79,8 @@ class RewardModelConfig(DictConfig):
 
     @classmethod
     def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> RewardModelConfig:
-        return super().from_dict(default_lr(data or {}), prefix=prefix)
+        # TRL 1.16's RewardConfig: 1e-4, whatever is trained.
+        return super().from_dict(default_lr(data or {}, full=1e-4, adapter=1e-4), prefix=prefix)
 
     def resolve(self) -> RewardModelConfig:
         return dataclasses.replace(self, method=method_name(self.method))
@@ -88,6 +95,18 @@ class RewardModelConfig(DictConfig):
             f"{p}dataset.format",
             "a reward model trains on preference rows (prompt, chosen, rejected)",
         )
+
+
+def attach_reward_head(lm: nn.Module, seed: int = 0) -> nn.Module:
+    """The scalar head, its bias frozen at 0.
+
+    TRL's reward model (``AutoModelForSequenceClassification``) scores with a bias-free
+    Linear. The bias cancels in ``r_c - r_r``, so its gradient is rounding noise (or the
+    centering term's alone), which Adam scales up to lr-sized steps: trainable, it drifted
+    to ~1e-2 in 20 steps at lr 2e-3 and the centered loss left TRL's by 1.3e-3 (relative)."""
+    heads.attach_head(lm, seed=seed)
+    lm.value_head.freeze(keys=["bias"])
+    return lm
 
 
 def make_loss(use_margin: bool, center_coef: float):
@@ -110,7 +129,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     mx.random.seed(loop.seed)
 
     policy = load_policy(cfg.model, cfg.method, cfg.lora, loop.dtype, field="spec.model")
-    heads.attach_head(policy.model, seed=loop.seed)
+    attach_reward_head(policy.model, seed=loop.seed)
     model, tokenizer = policy.model, policy.tokenizer
 
     data = datasets.prepare(

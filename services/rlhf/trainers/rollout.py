@@ -10,6 +10,7 @@ completions an uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -248,3 +249,37 @@ def completion_logits(logits: mx.array, batch: dict[str, mx.array], temperature:
 
 def strip_eos(ids: list[int], eos_ids) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
+
+
+# -- recording (the parity harness) ------------------------------------------------------------
+
+# PPO and GRPO run their own outer loop, so the shared loop's batch hook never sees their
+# updates. A caller that sets ``ctx.extra[RECORD]`` to a callable gets, as plain numpy, what
+# every update consumed: ``{"event": "start", "params": {...}}`` once (the trainable weights
+# before the first update: LoRA A, the value head), then per step ``{"event": "step",
+# "step": k, "batch": pack() arrays, "scores": [B], "updates": [(row indices, loss), ...],
+# ...the trainer's own intermediates}``. bench/parity_rl.py replays those rollouts through
+# TRL's update; jobs never set it.
+RECORD = "rl_record"
+
+
+def recorder(ctx) -> Callable[[dict], None] | None:
+    extra = getattr(ctx, "extra", None) or {}
+    return extra.get(RECORD)
+
+
+def record(hook, **data) -> None:
+    """Call ``hook`` (if any) with ``data``, arrays converted to numpy."""
+    if hook is None:
+        return
+
+    def plain(x):
+        if isinstance(x, mx.array):
+            return np.array(x)
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [plain(v) for v in x]
+        return x
+
+    hook(plain(data))
