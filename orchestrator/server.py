@@ -24,8 +24,9 @@ from orchestrator import environment, pipeline, templates
 from orchestrator.backend import GrpcStageBackend
 from orchestrator.scheduler import RetryPolicy, Scheduler, SchedulerConfig
 from orchestrator.store import Store
-from services.runtime import logs
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime import logs, specs
+from services.runtime.errors import FailedPrecondition, InvalidArgument, shown
+from services.runtime.rpc.jobs_servicer import CANCEL_OUTCOME
 from services.runtime.rpc.server import ServiceHandle
 from services.runtime.settings import Settings
 
@@ -129,8 +130,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: opb.CancelRunRequest, context: aio.ServicerContext
     ) -> opb.CancelRunResponse:
         rid = _required(request.run_id, "run_id")
+        before = await asyncio.to_thread(self.store.get_run, rid)
+        if before.state == opb.RUN_STATE_CANCELLED:
+            # Idempotent, and says so: this call cancelled nothing.
+            await context.send_initial_metadata(((CANCEL_OUTCOME, "already-cancelled"),))
+            return opb.CancelRunResponse(run=before)
         run = await self.scheduler.cancel_run(rid, request.reason)
         logs.get(run_id=rid).info("run_cancel_requested", state=opb.RunState.Name(run.state))
+        if run.state in (opb.RUN_STATE_SUCCEEDED, opb.RUN_STATE_FAILED):
+            # The run finished while the cancel was on its way: that outcome stands.
+            raise FailedPrecondition(
+                f"run {rid} ended {opb.RunState.Name(run.state)} before the cancel took effect"
+            )
+        done = run.state == opb.RUN_STATE_CANCELLED
+        await context.send_initial_metadata(
+            ((CANCEL_OUTCOME, "cancelled" if done else "cancelling"),)
+        )
         return opb.CancelRunResponse(run=run)
 
     async def StartTraining(
@@ -139,12 +154,33 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if not request.HasField("stage"):
             raise InvalidArgument.one("stage", "is required")
         one = pipeline.normalize(opb.PipelineSpec(stages=[request.stage]))
+        if request.request_id:
+            # Refused before anything is stored: a request_id a run of another pipeline has.
+            await asyncio.to_thread(self._check_run_request, request.request_id)
         if not request.request_id or not self._replay(f"{request.request_id}/pipeline"):
+            st = one.stages[0]
+            info = pipeline.KINDS.get(st.kind)
+            if info is not None and st.WhichOneof("spec"):
+                # The trainer's own rules, before a run exists (names under "stage.<kind>").
+                await asyncio.to_thread(
+                    _check_stage_spec, info.name, getattr(st, info.name), f"stage.{info.name}"
+                )
             await self._require_reachable(one, validate=None)
         run, pl = await self.scheduler.start_training(request.stage, request.request_id)
         return opb.StartTrainingResponse(run=run, pipeline=pl)
 
     # ---- helpers ---------------------------------------------------------------------
+
+    def _check_run_request(self, request_id: str) -> None:
+        run = self.store.run_for_request(request_id)
+        if run is None:
+            return
+        pl = self.store.pipeline_for_request(f"{request_id}/pipeline")
+        if pl is None or pl.pipeline_id != run.pipeline_id:
+            raise FailedPrecondition(
+                f"request_id {shown(request_id)} was used for a run of pipeline "
+                f"{run.pipeline_id}; use a new request_id"
+            )
 
     def _replay(self, request_id: str) -> bool:
         return self.store.pipeline_for_request(request_id) is not None
@@ -154,9 +190,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             normal = pipeline.normalize(spec)
 
             def validate() -> None:
-                pipeline.resolve(normal, self.scheduler.services, self.scheduler.env)
+                plan = pipeline.resolve(normal, self.scheduler.services, self.scheduler.env)
+                check_stages(plan)
 
-            await self._require_reachable(normal, validate)
+            await asyncio.to_thread(validate)
+            await self._require_reachable(normal, None)
         pl, created = await asyncio.to_thread(self.scheduler.create_pipeline, spec, request_id)
         if created:
             logs.get(pipeline_id=pl.pipeline_id).info(
@@ -187,6 +225,33 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             if info.service in down
         ]
         raise FailedPrecondition("; ".join(problems))
+
+
+# Reference fields are the trainer service's to resolve (they may name its host's files, or
+# be bound to an earlier stage's result): the orchestrator checks everything else.
+_REFERENCE_SUFFIXES = (".model", ".adapter_path", ".dataset.path", ".dataset.valid_path")
+
+
+def _check_stage_spec(kind: str, spec: Any, prefix: str) -> None:
+    try:
+        specs.check_static(kind, spec, prefix)
+    except InvalidArgument as e:
+        kept = [v for v in e.violations if not v.field.endswith(_REFERENCE_SUFFIXES)]
+        if kept:
+            raise InvalidArgument(kept) from None
+
+
+def check_stages(plan: pipeline.Plan) -> None:
+    """Every stage spec through its trainer's own static checks (specs.STATIC_CHECKS), so a
+    pipeline is refused here, with every violation, rather than failing at its stage."""
+    found: list = []
+    for sp in plan.stages:
+        try:
+            _check_stage_spec(sp.info.name, sp.message(), f"spec.stages[{sp.index}].{sp.info.name}")
+        except InvalidArgument as e:
+            found.extend(e.violations)
+    if found:
+        raise InvalidArgument(found)
 
 
 async def register(server: aio.Server, settings: Settings) -> ServiceHandle:

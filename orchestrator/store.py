@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import sqlite3
 import threading
@@ -32,7 +33,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from mlx_unified.v1 import common_pb2 as cpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
 from orchestrator.pipeline import BY_NAME
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 
 RS, SS = opb.RunState, opb.StageState
 RUN_TERMINAL = {RS.RUN_STATE_SUCCEEDED, RS.RUN_STATE_FAILED, RS.RUN_STATE_CANCELLED}
@@ -223,11 +224,15 @@ class Store:
             self._pending = []
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
                 self._pending = []
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT (a full disk) leaves the transaction open: close it, or
+                # every later write would fail too.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             self._tail.add(self._pending)  # only committed events are ever served
             self._pending = []
 
@@ -275,9 +280,10 @@ class Store:
         if row is None:
             return None
         if request_hash and row["request_hash"] and row["request_hash"] != request_hash:
-            raise InvalidArgument.one(
-                "request_id",
-                f"already used for a different request (pipeline {row['pipeline_id']})",
+            # As the trainer services answer a reused request_id (JobStore.create).
+            raise FailedPrecondition(
+                f"request_id {shown(request_id)} was used for a different request "
+                f"(pipeline {row['pipeline_id']}); use a new request_id"
             )
         return self._pipeline(row)
 
@@ -336,8 +342,9 @@ class Store:
         """A PENDING run with PENDING stages from the pipeline's resolved plan."""
         if request_id and (old := self._one("SELECT * FROM runs WHERE request_id=?", request_id)):
             if old["pipeline_id"] != pipeline_id:
-                raise InvalidArgument.one(
-                    "request_id", f"already used for a run of pipeline {old['pipeline_id']}"
+                raise FailedPrecondition(
+                    f"request_id {shown(request_id)} was used for a run of pipeline "
+                    f"{old['pipeline_id']}; use a new request_id"
                 )
             return self.get_run(old["run_id"]), False
         stages = self.resolved(pipeline_id)["stages"]
@@ -362,6 +369,10 @@ class Store:
             return self.create_run(pipeline_id, request_id)
         self._notifier.notify(rid)
         return self.get_run(rid), True
+
+    def run_for_request(self, request_id: str) -> opb.Run | None:
+        row = self._one("SELECT run_id FROM runs WHERE request_id=?", request_id)
+        return None if row is None else self.get_run(row["run_id"])
 
     def get_run(self, run_id: str) -> opb.Run:
         row = self._one("SELECT * FROM runs WHERE run_id=?", run_id)
@@ -427,6 +438,18 @@ class Store:
                 (to, error, _dump(result), to, RS.RUN_STATE_RUNNING, now,
                  to in RUN_TERMINAL, now, run_id),
             )  # fmt: skip
+            if to == RS.RUN_STATE_CANCELLED:
+                # Stages that never started will never run: they end CANCELLED with the run
+                # (in the same transaction, before the run's terminal event).
+                rows = db.execute(
+                    "SELECT name FROM stages WHERE run_id=? AND state=? ORDER BY idx",
+                    (run_id, SS.STAGE_STATE_PENDING),
+                ).fetchall()
+                for (name,) in rows:
+                    self._stage_change(
+                        db, run_id, name, SS.STAGE_STATE_PENDING, SS.STAGE_STATE_CANCELLED,
+                        f"not started: {reason or 'the run was cancelled'}",
+                    )  # fmt: skip
             change = opb.RunStateChange(from_state=frm, to_state=to, reason=reason)
             ev = self._append(db, run_id, opb.RunEvent(run_state_change=change))
         self._notifier.notify(run_id)

@@ -19,21 +19,32 @@ ENTRY = "services.distillation.trainers.kd:run"
 FORMATS = ("text", "chat", "completion")
 
 
-def distill_config(spec: distillation_pb2.DistillationSpec, settings: Settings) -> dict[str, Any]:
-    """Validate a DistillationSpec (every field, every file it names) into the trainer config."""
-    from services.distillation.validate import validate
+def check_spec(spec: distillation_pb2.DistillationSpec, prefix: str = "spec") -> None:
+    """Every distillation rule that needs no file (the orchestrator runs it on its stages)."""
+    from services.distillation.validate import parse
 
     v = Violations()
-    specs.check_common(v, spec)
-    v.check(len(spec.teachers) > 0, "spec.teachers", "at least one teacher is required")
+    specs.check_common(v, spec, prefix)
+    v.check(len(spec.teachers) > 0, f"{prefix}.teachers", "at least one teacher is required")
     init = spec.student_init
     has_init = bool(init.keep_teacher_layers) or init.num_layers > 0
     v.check(
         bool(spec.student.model) or has_init,
-        "spec.student.model",
+        f"{prefix}.student.model",
         "is required (or build the student from the teacher with spec.student_init)",
     )
     v.raise_if_any()
+    try:
+        parse(specs.to_dict(spec))
+    except InvalidArgument as e:
+        raise InvalidArgument(specs.reprefix(e.violations, prefix)) from None
+
+
+def distill_config(spec: distillation_pb2.DistillationSpec, settings: Settings) -> dict[str, Any]:
+    """Validate a DistillationSpec (every field, every file it names) into the trainer config."""
+    from services.distillation.validate import validate
+
+    check_spec(spec)
     config = specs.to_dict(spec)
     if spec.student.model:
         config["student"] = resolve_model_ref(spec.student, settings, "spec.student")

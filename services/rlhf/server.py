@@ -12,7 +12,7 @@ from grpc import aio
 from mlx_unified.v1 import common_pb2, common_pb2_grpc, rlhf_pb2, rlhf_pb2_grpc
 from services.runtime import specs
 from services.runtime.errors import InvalidArgument, Violations
-from services.runtime.paths import confine
+from services.runtime.paths import confine, confine_tree
 from services.runtime.refs import resolve_dataset, resolve_model_ref
 from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
 from services.runtime.rpc.server import ServiceHandle
@@ -20,6 +20,52 @@ from services.runtime.settings import Settings
 
 PREFERENCE = ("preference",)
 PROMPTS = ("prompt", "completion", "preference")
+
+
+def _unresolved(kind: str, spec: Any) -> dict[str, Any]:
+    """The spec as a trainer config dict, model references as given (not resolved)."""
+    config = specs.to_dict(spec)
+    if kind != "reward_model" and "reference" not in config:
+        config["reference"] = dict(config.get("policy") or {})
+    return config
+
+
+def check_spec(kind: str, spec: Any, prefix: str = "spec") -> None:
+    """Every rule of ``kind``'s trainer that needs no file: the shared ranges, then the
+    trainer's own config class (the orchestrator runs this on its stages too)."""
+    from services.rlhf import validate
+
+    v = Violations()
+    specs.check_common(v, spec, prefix)
+    v.raise_if_any()
+    try:
+        validate.check(kind, _unresolved(kind, spec), rows=False)
+    except InvalidArgument as e:
+        raise InvalidArgument(specs.reprefix(e.violations, prefix)) from None
+
+
+def check_reward_model(spec: Any, prefix: str = "spec") -> None:
+    check_spec("reward_model", spec, prefix)
+
+
+def check_dpo(spec: Any, prefix: str = "spec") -> None:
+    check_spec("dpo", spec, prefix)
+
+
+def check_ppo(spec: Any, prefix: str = "spec") -> None:
+    check_spec("ppo", spec, prefix)
+
+
+def check_grpo(spec: Any, prefix: str = "spec") -> None:
+    check_spec("grpo", spec, prefix)
+
+
+def _reward_checkpoint(raw: str, settings: Settings, field: str) -> str:
+    """A reward checkpoint directory, confined by its real path and every file's in it."""
+    path = confine(raw, settings.allowed_roots, field)
+    if path.is_dir():
+        confine_tree(path, settings.allowed_roots, field, raw=raw)
+    return str(path)
 
 
 def rlhf_config(kind: str, spec: Any, settings: Settings) -> dict[str, Any]:
@@ -42,10 +88,10 @@ def rlhf_config(kind: str, spec: Any, settings: Settings) -> dict[str, Any]:
         )
     if kind in ("ppo", "grpo") and spec.reward.reward_model.model:
         # A reward checkpoint (adapter or full dir + value head), not a plain model.
-        path = confine(
-            spec.reward.reward_model.model, settings.allowed_roots, "spec.reward.reward_model.model"
+        path = _reward_checkpoint(
+            spec.reward.reward_model.model, settings, "spec.reward.reward_model.model"
         )
-        config["reward"]["reward_model"] = {"model": str(path), "adapter_path": ""}
+        config["reward"]["reward_model"] = {"model": path, "adapter_path": ""}
     allowed = PREFERENCE if kind in ("reward_model", "dpo") else PROMPTS
     counts: dict[str, int] = {}
     config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", allowed, counts)
@@ -105,12 +151,13 @@ class RLHFServicer(rlhf_pb2_grpc.RLHFServiceServicer):
 
         if not request.items:
             raise InvalidArgument.one("items", "must not be empty")
-        if len(request.items) > 1024:
-            raise InvalidArgument.one("items", "at most 1024 items per call")
-        path = confine(
-            request.reward_model.model, self.host.settings.allowed_roots, "reward_model.model"
+        for n, item in enumerate(request.items):
+            if not (item.prompt or item.completion):
+                raise InvalidArgument.one(f"items[{n}]", "needs a prompt or a completion")
+        path = _reward_checkpoint(
+            request.reward_model.model, self.host.settings, "reward_model.model"
         )
-        ref = {"model": str(path)}
+        ref = {"model": path}
         check_score(ref)
         items = [(i.prompt, i.completion) for i in request.items]
         scores = await asyncio.to_thread(score_pairs, ref["model"], items)

@@ -21,6 +21,7 @@ the template of all but the last message (plus the generation prompt), as mlx-lm
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from services.runtime import paths
 from services.runtime.data_batches import (
     Batches,
     PreferenceBatches,
@@ -85,13 +87,19 @@ def _json_error(line: int, e: json.JSONDecodeError) -> str:
     return f"line {line}: invalid JSON ({e.msg}: column {e.colno})"
 
 
-def load_rows(path: Path, field: str) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, a JSON list, or a JSON object {"examples": [...]}."""
+def load_rows(
+    path: Path, field: str, roots: tuple[Path, ...] | None = None
+) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, a JSON list, or a JSON object {"examples": [...]}.
+
+    The file is opened confined to ``roots`` (default: the roots this process was started
+    with, see paths.process_roots) and checked by the real path of the open descriptor."""
     path = Path(path)
-    if not path.is_file():
-        raise _fail(field, f"{'not a file' if path.exists() else 'file not found'}: {path}")
+    roots = roots if roots is not None else paths.process_roots()
+    with paths.open_confined(path, roots, field) as fh:
+        data = fh.read()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise _fail(field, f"{path.name} is not UTF-8 text (byte {e.start})") from None
     if not text.strip():
@@ -108,6 +116,8 @@ def load_rows(path: Path, field: str) -> list[dict[str, Any]]:
         whole = json.loads(text)
     except json.JSONDecodeError as e:
         raise _fail(field, _json_error(e.lineno, e)) from None
+    except RecursionError:
+        raise _fail(field, f"{path.name}: JSON nested too deeply") from None
     if isinstance(whole, dict):
         whole = whole.get("examples", [whole])
         if not isinstance(whole, list):
@@ -120,7 +130,7 @@ def load_rows(path: Path, field: str) -> list[dict[str, Any]]:
 def _parses(line: str) -> bool:
     try:
         json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
     return True
 
@@ -134,6 +144,8 @@ def _jsonl(lines: list[str], field: str) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise _fail(field, _json_error(n, e)) from None
+        except RecursionError:
+            raise _fail(field, f"line {n}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise _fail(field, f"line {n}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -149,17 +161,20 @@ def _listed(rows: list[Any], path: Path, field: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_dir(path: Path, field: str) -> dict[str, list[dict[str, Any]]]:
-    """{"train": rows, "valid"?: rows, "test"?: rows} from a directory, as mlx-lm lays it out."""
+def load_dir(
+    path: Path, field: str, roots: tuple[Path, ...] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """{"train": rows, "valid"?: rows, "test"?: rows} from a directory, as mlx-lm lays it out.
+    Each member file is confined by its own real path (see load_rows)."""
     path = Path(path)
-    if not (path / "train.jsonl").is_file():
+    if not os.path.lexists(path / "train.jsonl"):
         raise _fail(field, f"directory {path} has no train.jsonl")
     out = {}
     for name in ("train", "valid", "test"):
         f = path / f"{name}.jsonl"
-        if f.is_file():
+        if os.path.lexists(f):
             try:
-                out[name] = load_rows(f, field)
+                out[name] = load_rows(f, field, roots)
             except InvalidArgument as e:
                 v = e.violations[0]
                 raise _fail(field, f"{f.name}: {v.description}") from None

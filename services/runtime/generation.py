@@ -2,23 +2,38 @@
 
 Used by the Generate RPC of the training service; RLHF rollouts and on-policy distillation
 use mlx-lm's batched generation directly inside their workers.
+
+Every call is bounded: prompt tokens (``max_prompt_tokens``), new tokens (``max_tokens``),
+and time: ``should_stop`` is asked between prefill chunks of ``prefill_chunk`` tokens and
+between new tokens, so a caller whose deadline passed or who went away stops costing MLX
+time within one chunk (the service passes the client's deadline and cancellation).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from services.runtime.errors import Violations
+from services.runtime.errors import InvalidArgument, Violations
 from services.runtime.models import load_model
 
-MAX_TOKENS_LIMIT = 4096
+MAX_TOKENS_LIMIT = 4096  # default of Limits.generate_max_tokens
+MAX_STOP_CHARS = 256
+# A token is rarely longer than this many characters: a prompt longer than
+# max_prompt_tokens * this is refused without being tokenized at all.
+CHARS_PER_TOKEN_BOUND = 64
+StopCheck = Callable[[], str | None]
+
+
+class Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error to report
+    """Generation ended early: the caller's deadline passed or it went away."""
 
 
 @dataclass(frozen=True)
@@ -31,18 +46,24 @@ class Sampling:
     seed: int | None = None
     repetition_penalty: float = 0.0
 
-    def validate(self, prefix: str = "sampling") -> None:
+    def validate(self, prefix: str = "sampling", max_tokens: int = MAX_TOKENS_LIMIT) -> None:
         v = Violations()
         v.check(0 <= self.temperature <= 10, f"{prefix}.temperature", "must be in [0, 10]")
         v.check(0 <= self.top_p <= 1, f"{prefix}.top_p", "must be in [0, 1]")
-        v.check(self.top_k >= 0, f"{prefix}.top_k", "must be >= 0")
+        v.check(0 <= self.top_k <= 1_000_000, f"{prefix}.top_k", "must be >= 0")
         v.check(
-            1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
+            1 <= self.max_tokens <= max_tokens,
             f"{prefix}.max_tokens",
-            f"must be between 1 and {MAX_TOKENS_LIMIT}",
+            f"must be between 1 and {max_tokens} (MLXU_GENERATE_MAX_TOKENS)",
         )
         v.check(0 <= self.repetition_penalty <= 10, f"{prefix}.repetition_penalty", "0..10")
         v.check(all(self.stop), f"{prefix}.stop", "stop strings must be non-empty")
+        v.check(
+            all(len(s) <= MAX_STOP_CHARS for s in self.stop),
+            f"{prefix}.stop",
+            f"stop strings are at most {MAX_STOP_CHARS} characters",
+        )
+        v.check(self.seed is None or self.seed >= 0, f"{prefix}.seed", "must be >= 0")
         v.raise_if_any()
 
 
@@ -58,10 +79,12 @@ class Chunk:
 
 
 class ModelCache:
-    """A small LRU of loaded models; MLX work is serialised by one lock per process."""
+    """A small LRU of loaded models; MLX work is serialised by one lock per process.
+    ``roots`` (when set) confine every local model / adapter file again right before load."""
 
-    def __init__(self, size: int = 2) -> None:
+    def __init__(self, size: int = 2, roots: tuple[Path, ...] | None = None) -> None:
         self.size = size
+        self.roots = roots
         self._models: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -70,19 +93,54 @@ class ModelCache:
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        model, tokenizer = load_model(path, adapter_path=adapter or None)
+        model, tokenizer = load_model(path, adapter_path=adapter or None, roots=self.roots)
         self._models[key] = (model, tokenizer)
         while len(self._models) > self.size:
             self._models.popitem(last=False)
         return model, tokenizer
 
 
-def render_prompt(tokenizer, prompt: str | None, messages: list[dict] | None) -> list[int]:
-    if messages:
-        return list(
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def _check_chars(n_chars: int, max_prompt_tokens: int, field: str) -> None:
+    if n_chars > max_prompt_tokens * CHARS_PER_TOKEN_BOUND:
+        raise InvalidArgument.one(
+            field,
+            f"is {n_chars} characters: far more than the {max_prompt_tokens} prompt tokens "
+            "allowed (MLXU_GENERATE_MAX_PROMPT_TOKENS)",
         )
-    return list(tokenizer.encode(prompt or ""))
+
+
+def render_prompt(
+    tokenizer,  # noqa: ANN001
+    prompt: str | None,
+    messages: list[dict] | None,
+    max_prompt_tokens: int = 1 << 30,
+) -> list[int]:
+    """Prompt token ids; an empty or over-long prompt is InvalidArgument."""
+    field = "chat.messages" if messages else "prompt"
+    text = sum(len(m.get("content") or "") for m in messages) if messages else len(prompt or "")
+    _check_chars(text, max_prompt_tokens, field)
+    if messages:
+        try:
+            tokens = list(
+                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            )
+        except Exception as e:  # noqa: BLE001 - a template that rejects these roles / turns
+            raise InvalidArgument.one(field, f"the chat template rejects them: {e}"[:300]) from None
+    else:
+        tokens = list(tokenizer.encode(prompt or ""))
+    if not tokens:
+        raise InvalidArgument.one(field, "is empty (no tokens)")
+    if len(tokens) > max_prompt_tokens:
+        raise InvalidArgument.one(
+            field,
+            f"is {len(tokens)} tokens; at most {max_prompt_tokens} "
+            "(MLXU_GENERATE_MAX_PROMPT_TOKENS)",
+        )
+    return tokens
+
+
+def _never() -> str | None:
+    return None
 
 
 def generate(
@@ -94,11 +152,21 @@ def generate(
     prompt: str | None = None,
     messages: list[dict] | None = None,
     return_logprobs: bool = False,
+    should_stop: StopCheck = _never,
+    max_prompt_tokens: int = 1 << 30,
+    prefill_chunk: int = 512,
 ) -> Iterator[Chunk]:
-    """Stream chunks; the last one carries finish_reason. Holds the cache lock throughout."""
+    """Stream chunks; the last one carries finish_reason. Holds the cache lock throughout.
+    Raises Stopped when ``should_stop`` answers (between prefill chunks and tokens)."""
+
+    def progress(_done: int, _total: int) -> None:
+        if reason := should_stop():
+            raise Stopped(reason)
+
     with cache.lock:
+        progress(0, 0)  # the time spent waiting for the lock counts
         model, tokenizer = cache.get(path, adapter)
-        tokens = render_prompt(tokenizer, prompt, messages)
+        tokens = render_prompt(tokenizer, prompt, messages, max_prompt_tokens)
         if sampling.seed is not None:
             mx.random.seed(sampling.seed)
         sampler = make_sampler(sampling.temperature, sampling.top_p, top_k=sampling.top_k)
@@ -110,17 +178,18 @@ def generate(
         text = ""
         sent = 0  # characters of `text` already sent (held back while a stop may be forming)
         hold = max((len(s) for s in sampling.stop), default=1) - 1
-        for n, resp in enumerate(
-            stream_generate(
-                model,
-                tokenizer,
-                tokens,
-                max_tokens=sampling.max_tokens,
-                sampler=sampler,
-                logits_processors=processors,
-            ),
-            start=1,
-        ):
+        stream = stream_generate(
+            model,
+            tokenizer,
+            tokens,
+            max_tokens=sampling.max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prefill_step_size=max(prefill_chunk, 1),
+            prompt_progress_callback=progress,
+        )
+        for n, resp in enumerate(stream, start=1):
+            progress(n, n)
             text += resp.text
             logprobs = [float(resp.logprobs[resp.token])] if return_logprobs else []
             hit = min((i for s in sampling.stop if (i := text.find(s, sent)) >= 0), default=-1)
@@ -144,15 +213,33 @@ def generate(
 
 
 def score(
-    cache: ModelCache, path: str, adapter: str | None, items: list[tuple[str, str]]
+    cache: ModelCache,
+    path: str,
+    adapter: str | None,
+    items: list[tuple[str, str]],
+    *,
+    should_stop: StopCheck = _never,
+    max_tokens: int = 1 << 30,
 ) -> list[list[float]]:
     """Per-token log-probs of each completion given its prompt."""
     out: list[list[float]] = []
     with cache.lock:
         model, tokenizer = cache.get(path, adapter)
-        for prompt, completion in items:
+        for i, (prompt, completion) in enumerate(items):
+            if reason := should_stop():
+                raise Stopped(reason)
+            _check_chars(len(prompt) + len(completion), max_tokens, f"items[{i}]")
             p = list(tokenizer.encode(prompt))
             c = list(tokenizer.encode(completion, add_special_tokens=False))
+            if not p or not c:
+                what = "prompt" if not p else "completion"
+                raise InvalidArgument.one(f"items[{i}].{what}", "is empty (no tokens)")
+            if len(p) + len(c) > max_tokens:
+                raise InvalidArgument.one(
+                    f"items[{i}]",
+                    f"is {len(p) + len(c)} tokens; at most {max_tokens} "
+                    "(MLXU_GENERATE_MAX_PROMPT_TOKENS)",
+                )
             ids = mx.array([p + c])
             logits = model(ids[:, :-1]).astype(mx.float32)
             logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

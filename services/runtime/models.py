@@ -30,8 +30,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from services.runtime import gguf
-from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.paths import confine, looks_like_path
+from services.runtime.errors import FailedPrecondition, InvalidArgument, shown
+from services.runtime.paths import (
+    check_text,
+    confine,
+    confine_tree,
+    looks_like_path,
+    process_roots,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-llama"
@@ -295,33 +301,86 @@ def _ensure_registered(name: str, home: Path) -> Path:
             raise FailedPrecondition(f"cannot build the registered model {name!r}: {exc}") from exc
 
 
-def resolve_model(ref: str, home: Path, roots: tuple[Path, ...], field: str = "model") -> str:
-    """A model reference -> what ``load_model`` takes (a local directory or a hub id)."""
+def _hub_id_ok(ref: str) -> bool:
+    """The hub's own rules for a repo id (characters, length, no '--' or '..')."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not _HUB_ID.fullmatch(ref):
+        return False
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_cached(ref: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(ref, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a cache we cannot read holds nothing usable
+        return False
+
+
+def resolve_model(
+    ref: str, home: Path, roots: tuple[Path, ...], field: str = "model", *, offline: bool = False
+) -> str:
+    """A model reference -> what ``load_model`` takes (a local directory or a hub id).
+
+    A local directory is confined to ``roots`` by its real path and by the real path of
+    every file in it. A hub id must follow the hub's rules; ``offline``, it must also be in
+    the local hub cache already (else a job would be created only to fail on the network)."""
     ref = (ref or "").strip()
     if not ref:
         raise InvalidArgument.one(field, "is required")
+    check_text(ref, field)
     if ref.lower() in _REGISTRY:
         return str(_ensure_registered(ref.lower(), home))
     if looks_like_path(ref):
         path = confine(ref, roots, field)
         if not path.exists():
-            raise InvalidArgument.one(field, f"{ref!r} does not exist")
+            raise InvalidArgument.one(field, f"{shown(ref)} does not exist")
+        if path.is_dir():
+            confine_tree(path, roots, field, raw=ref)
         if not (path / "config.json").is_file():
             raise InvalidArgument.one(
-                field, f"{ref!r} is not an mlx-lm model directory (no config.json)"
+                field, f"{shown(ref)} is not an mlx-lm model directory (no config.json)"
             )
         return str(path)
-    if _HUB_ID.match(ref) and ".." not in ref:
+    if _hub_id_ok(ref):
+        if offline and not _hub_cached(ref):
+            raise InvalidArgument.one(
+                field,
+                f"unknown model {shown(ref)}: not a registered name, not a directory, and "
+                "not in the local hub cache (this service is offline: MLXU_OFFLINE)",
+            )
         return ref  # a Hugging Face id: mlx-lm downloads it where a network exists
     names = ", ".join(_REGISTRY)
     raise InvalidArgument.one(
         field,
-        f"unknown model {ref!r}: use a registered name ({names}), a model directory, "
+        f"unknown model {shown(ref)}: use a registered name ({names}), a model directory, "
         "or a Hugging Face id like 'org/name'",
     )
 
 
 # ---------------------------------------------------------------- loading and quantizing
+def confine_local(
+    path: str | Path, adapter_path: str | None, roots: tuple[Path, ...] | None, field: str
+) -> None:
+    """Just before mlx-lm opens them: a local model / adapter directory and every file in it
+    must resolve inside ``roots`` (default: the roots this process was started with; none
+    configured means no check). A hub id is not a local path and is left to mlx-lm."""
+    roots = roots if roots is not None else process_roots()
+    if roots is None:
+        return
+    for raw, what in ((str(path), field), (adapter_path or "", f"{field}.adapter_path")):
+        if raw and (looks_like_path(raw) or Path(raw).is_dir()):
+            real = confine(raw, roots, what)
+            if real.is_dir():
+                confine_tree(real, roots, what, raw=raw)
+
+
 def compute_dtype() -> str:
     """bf16 on a GPU (Metal/CUDA); fp32 on the CPU, where bf16 is far slower."""
     return "bfloat16" if mx.default_device().type == mx.DeviceType.gpu else "float32"
@@ -341,12 +400,15 @@ def load_model(
     lazy: bool = False,
     *,
     field: str = "model",
+    roots: tuple[Path, ...] | None = None,
 ) -> tuple[nn.Module, Any]:
     """mlx-lm's load (base + optional adapters), then floating-point parameters cast to
-    ``dtype``; packed quantized weights stay as they are."""
+    ``dtype``; packed quantized weights stay as they are. Local directories are confined
+    first (``roots``, default the process's: see confine_local)."""
     from mlx_lm.utils import load
 
     dt = _float_dtype(dtype, f"{field}.dtype")
+    confine_local(path, adapter_path, roots, field)
     try:
         model, tokenizer = load(str(path), adapter_path=adapter_path, lazy=lazy)
     except MemoryError:

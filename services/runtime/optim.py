@@ -60,6 +60,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return int(value)  # protobuf's JSON mapping renders int64 as a string
     elif hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN / Infinity never mean a setting
+                raise InvalidArgument.one(name, f"must be a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):

@@ -3,6 +3,7 @@ names, every dataset row read and checked once, before a job exists."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mlx_unified.v1 import common_pb2
@@ -13,9 +14,9 @@ from services.runtime.datasets import (
     normalize_format,
     validate_rows,
 )
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, shown
 from services.runtime.models import resolve_model
-from services.runtime.paths import confine
+from services.runtime.paths import confine, confine_tree
 from services.runtime.settings import Settings
 
 
@@ -23,16 +24,29 @@ def resolve_model_ref(ref: common_pb2.ModelRef, settings: Settings, field: str) 
     """A ModelRef -> {"model": local dir or hub id, "adapter_path": confined dir or ""}."""
     if not ref.model:
         raise InvalidArgument.one(f"{field}.model", "is required")
-    model = resolve_model(ref.model, settings.home, settings.allowed_roots, f"{field}.model")
+    model = resolve_model(
+        ref.model,
+        settings.home,
+        settings.allowed_roots,
+        f"{field}.model",
+        offline=settings.offline,
+    )
     out = {"model": str(model), "adapter_path": ""}
     if ref.adapter_path:
-        adapter = confine(ref.adapter_path, settings.allowed_roots, f"{field}.adapter_path")
-        if not (adapter / "adapter_config.json").is_file():
-            raise InvalidArgument.one(
-                f"{field}.adapter_path", f"{ref.adapter_path!r} has no adapter_config.json"
-            )
-        out["adapter_path"] = str(adapter)
+        out["adapter_path"] = str(resolve_adapter(ref.adapter_path, settings, f"{field}"))
     return out
+
+
+def resolve_adapter(raw: str, settings: Settings, field: str) -> Path:
+    """An adapter directory: confined by its real path and every file's in it."""
+    f = f"{field}.adapter_path"
+    adapter = confine(raw, settings.allowed_roots, f)
+    if not adapter.is_dir():
+        raise InvalidArgument.one(f, f"{shown(raw)} is not a directory")
+    confine_tree(adapter, settings.allowed_roots, f, raw=raw)
+    if not (adapter / "adapter_config.json").is_file():
+        raise InvalidArgument.one(f, f"{shown(raw)} has no adapter_config.json")
+    return adapter
 
 
 def resolve_dataset(
@@ -46,16 +60,17 @@ def resolve_dataset(
     ``counts``, when given, receives the number of training rows as "rows"."""
     if not ref.path:
         raise InvalidArgument.one(f"{field}.path", "is required")
-    path = confine(ref.path, settings.allowed_roots, f"{field}.path")
+    roots = settings.allowed_roots
+    path = confine(ref.path, roots, f"{field}.path")
     if not path.exists():
-        raise InvalidArgument.one(f"{field}.path", f"{ref.path!r} does not exist")
+        raise InvalidArgument.one(f"{field}.path", f"{shown(ref.path)} does not exist")
     if path.is_dir():
-        rows = load_dir(path, f"{field}.path")["train"]
+        rows = load_dir(path, f"{field}.path", roots)["train"]
     else:
-        rows = load_rows(path, f"{field}.path")
-    fmt = normalize_format(
-        common_pb2.DatasetFormat.Name(ref.format) if ref.format else "", f"{field}.format"
-    )
+        rows = load_rows(path, f"{field}.path", roots)
+    known = ref.format in common_pb2.DatasetFormat.values()
+    name = common_pb2.DatasetFormat.Name(ref.format) if known else str(ref.format)
+    fmt = normalize_format(name if ref.format else "", f"{field}.format")
     detected = detect_format(rows, f"{field}.path")
     if fmt and fmt != detected:
         raise InvalidArgument.one(
@@ -71,8 +86,8 @@ def resolve_dataset(
         counts["rows"] = len(rows)
     out: dict[str, Any] = {"path": str(path), "format": detected}
     if ref.valid_path:
-        vpath = confine(ref.valid_path, settings.allowed_roots, f"{field}.valid_path")
-        vrows = load_rows(vpath, f"{field}.valid_path")
+        vpath = confine(ref.valid_path, roots, f"{field}.valid_path")
+        vrows = load_rows(vpath, f"{field}.valid_path", roots)
         validate_rows(vrows, detected, f"{field}.valid_path")
         out["valid_path"] = str(vpath)
     if ref.HasField("valid_fraction"):

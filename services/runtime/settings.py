@@ -7,6 +7,11 @@ MLXU_ALLOWED_ROOTS   os.pathsep-separated dirs clients may read models/datasets 
 MLXU_HOST            bind address (default 127.0.0.1; with no API key, loopback only)
 MLXU_MAX_ATTEMPTS    worker starts per job before it fails (default 3)
 MLXU_TLS_CERT / MLXU_TLS_KEY / MLXU_TLS_CLIENT_CA   optional TLS / mTLS
+MLXU_OFFLINE         1 = no hub access: a hub id must already be in the local hub cache
+                     (default: HF_HUB_OFFLINE)
+
+Limits (``Limits`` below; docs/operations.md lists them all): MLXU_MAX_REQUEST_BYTES,
+MLXU_GENERATE_*, MLXU_SCORE_MAX_ITEMS, MLXU_RATE_*. A rate of 0 turns that limit off.
 """
 
 from __future__ import annotations
@@ -16,6 +21,58 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 PORTS = {"orchestrator": 8600, "distillation": 8300, "rlhf": 8400, "training": 8500}
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+    if value < 0:
+        raise SystemExit(f"{name}={raw!r} must be >= 0")
+    return value
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if not raw else raw in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request (and one client) may ask of a service. Each is refused with a clear
+    status: over a size limit INVALID_ARGUMENT naming the field (a body over
+    ``max_request_bytes`` gets gRPC's own RESOURCE_EXHAUSTED), a full queue or an empty rate
+    bucket RESOURCE_EXHAUSTED with the limit named."""
+
+    max_request_bytes: int = 4 * 1024 * 1024  # MLXU_MAX_REQUEST_BYTES
+    generate_max_prompt_tokens: int = 8192  # MLXU_GENERATE_MAX_PROMPT_TOKENS
+    generate_max_tokens: int = 4096  # MLXU_GENERATE_MAX_TOKENS (sampling.max_tokens)
+    generate_max_messages: int = 64  # MLXU_GENERATE_MAX_MESSAGES (chat turns)
+    generate_concurrency: int = 1  # MLXU_GENERATE_CONCURRENCY (MLX work is serialised)
+    generate_queue: int = 8  # MLXU_GENERATE_QUEUE (waiting beyond the running ones)
+    # Prompt tokens per prefill step: the deadline and cancel are checked between steps.
+    generate_prefill_chunk: int = 512  # MLXU_GENERATE_PREFILL_CHUNK
+    # A call without a deadline is stopped after this long (its own deadline if shorter).
+    generate_max_seconds: int = 300  # MLXU_GENERATE_MAX_SECONDS
+    score_max_items: int = 256  # MLXU_SCORE_MAX_ITEMS (ScoreCompletions / Score)
+    # Per-client token buckets (client = API key, else peer address): sustained calls per
+    # minute and burst. Start*: every Start RPC, RunPipeline and CreatePipeline*.
+    rate_start_per_min: int = 60  # MLXU_RATE_START_PER_MIN
+    rate_start_burst: int = 20  # MLXU_RATE_START_BURST
+    rate_generate_per_min: int = 600  # MLXU_RATE_GENERATE_PER_MIN (Generate, Score*)
+    rate_generate_burst: int = 60  # MLXU_RATE_GENERATE_BURST
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        d = cls()
+        kw = {f: _env_int(f"MLXU_{f.upper()}", getattr(d, f)) for f in cls.__dataclass_fields__}
+        for name in ("generate_concurrency", "generate_prefill_chunk", "generate_max_tokens"):
+            kw[name] = max(kw[name], 1)
+        return cls(**kw)
 
 
 def _keys_from_env() -> frozenset[str]:
@@ -48,6 +105,8 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    limits: Limits = field(default_factory=Limits)
+    offline: bool = False
     # Addresses of the other services (orchestrator side).
     endpoints: dict[str, str] = field(default_factory=dict)
 
@@ -71,6 +130,8 @@ class Settings:
             tls_cert=os.environ.get("MLXU_TLS_CERT", ""),
             tls_key=os.environ.get("MLXU_TLS_KEY", ""),
             tls_client_ca=os.environ.get("MLXU_TLS_CLIENT_CA", ""),
+            limits=Limits.from_env(),
+            offline=_env_flag("MLXU_OFFLINE", _env_flag("HF_HUB_OFFLINE")),
             endpoints=endpoints,
         )
         return replace(s, **overrides) if overrides else s  # type: ignore[arg-type]

@@ -18,36 +18,60 @@ from services.runtime.settings import Settings
 SFT_FORMATS = ("text", "chat", "completion")
 
 
+def check_sft(spec: training_pb2.SFTSpec, prefix: str = "spec") -> None:
+    """Every SFT rule that needs no file (the orchestrator runs it on its stages too)."""
+    from services.training.trainers.sft import SFTConfig
+
+    v = Violations()
+    v.check(
+        spec.HasField("model") and bool(spec.model.model), f"{prefix}.model.model", "is required"
+    )
+    v.check(bool(spec.dataset.path), f"{prefix}.dataset.path", "is required")
+    specs.check_common(v, spec, prefix)
+    if spec.method == common_pb2.FINETUNE_METHOD_QLORA:
+        specs.check_quantization(v, spec.quantization, f"{prefix}.quantization")
+    elif spec.HasField("quantization"):
+        v.add(f"{prefix}.quantization", "only applies to method QLORA")
+    v.raise_if_any()
+    SFTConfig.from_dict(specs.to_dict(spec), prefix=prefix)
+
+
 def sft_config(spec: training_pb2.SFTSpec, settings: Settings) -> dict[str, Any]:
     """Validate an SFTSpec and return the trainer's resolved config (every default filled)."""
     from services.training.trainers.sft import SFTConfig
 
-    v = Violations()
-    v.check(spec.HasField("model") and bool(spec.model.model), "spec.model.model", "is required")
-    v.check(bool(spec.dataset.path), "spec.dataset.path", "is required")
-    specs.check_common(v, spec)
-    if spec.method == common_pb2.FINETUNE_METHOD_QLORA:
-        specs.check_quantization(v, spec.quantization, "spec.quantization")
-    elif spec.HasField("quantization"):
-        v.add("spec.quantization", "only applies to method QLORA")
-    v.raise_if_any()
+    check_sft(spec)
     config = specs.to_dict(spec)
     config["model"] = resolve_model_ref(spec.model, settings, "spec.model")
     config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", SFT_FORMATS)
     return SFTConfig.from_dict(config, prefix="spec").to_dict()
 
 
-def export_config(spec: training_pb2.ExportSpec, settings: Settings) -> dict[str, Any]:
+def _export_dict(spec: training_pb2.ExportSpec) -> dict[str, Any]:
+    config = specs.to_dict(spec)
+    mode = spec.mode or training_pb2.EXPORT_MODE_FUSE
+    config["mode"] = specs.to_dict(training_pb2.ExportSpec(mode=mode))["mode"]
+    return config
+
+
+def check_export(spec: training_pb2.ExportSpec, prefix: str = "spec") -> None:
     from services.training.trainers.export import ExportConfig
 
     v = Violations()
-    v.check(bool(spec.model.model), "spec.model.model", "is required")
-    specs.check_quantization(v, spec.quantization, "spec.quantization")
-    mode = spec.mode or training_pb2.EXPORT_MODE_FUSE
-    if mode == training_pb2.EXPORT_MODE_FUSE:
-        v.check(bool(spec.model.adapter_path), "spec.model.adapter_path", "fuse needs an adapter")
+    v.check(bool(spec.model.model), f"{prefix}.model.model", "is required")
+    specs.check_quantization(v, spec.quantization, f"{prefix}.quantization")
+    if (spec.mode or training_pb2.EXPORT_MODE_FUSE) == training_pb2.EXPORT_MODE_FUSE:
+        v.check(
+            bool(spec.model.adapter_path), f"{prefix}.model.adapter_path", "fuse needs an adapter"
+        )
     v.raise_if_any()
-    config = specs.to_dict(spec)
-    config["mode"] = specs.to_dict(training_pb2.ExportSpec(mode=mode))["mode"]
+    ExportConfig.from_dict(_export_dict(spec), prefix=prefix)
+
+
+def export_config(spec: training_pb2.ExportSpec, settings: Settings) -> dict[str, Any]:
+    from services.training.trainers.export import ExportConfig
+
+    check_export(spec)
+    config = _export_dict(spec)
     config["model"] = resolve_model_ref(spec.model, settings, "spec.model")
     return ExportConfig.from_dict(config, prefix="spec").to_dict()

@@ -203,7 +203,8 @@ def test_cancel_mid_stage_ends_job_and_run(stack: MLXUClient, tiny_model: Path, 
 
     assert cancelled.state == RS.RUN_STATE_CANCELLED, cancelled
     assert took < 10, took
-    assert [s.state for s in cancelled.stages] == [SS.STAGE_STATE_CANCELLED, SS.STAGE_STATE_PENDING]
+    # The stage that never started ends CANCELLED with the run (issue 16), not PENDING.
+    assert [s.state for s in cancelled.stages] == [SS.STAGE_STATE_CANCELLED] * 2
     assert "changed my mind" in cancelled.error or "changed my mind" in str(cancelled)
     job = c.get_job(cancelled.stages[0].job_id)
     assert job.state == cpb.JOB_STATE_CANCELLED
@@ -538,10 +539,20 @@ def test_backend_translates_status_codes():
 
 
 def test_stage_the_service_rejects_fails_the_run_with_its_reason(
-    stack: MLXUClient, tiny_model: Path, data: Path
+    stack: MLXUClient, tiny_model: Path, data: Path, tmp_path: Path
 ):
+    # A setting the trainer refuses is refused up front, by the trainer's own checks
+    # (issue 16): no pipeline, no run.
     stage = sft_stage("typo", 5)
-    stage.sft.loop.batch_size = -2  # the training service validates trainer settings
+    stage.sft.loop.batch_size = -2
+    with pytest.raises(ClientError) as err:
+        stack.create_pipeline(pipeline_spec(tiny_model, data, stage))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.stages[0].sft.loop.batch_size" in {v.field for v in err.value.violations}
+    assert list(stack.list_pipelines()) == []
+    # What only the service can know (its files) still fails the stage with its reason.
+    stage = sft_stage("typo", 5)
+    stage.sft.dataset.path = str(tmp_path / "not-there.jsonl")
     run = stack.run_pipeline(
         stack.create_pipeline(pipeline_spec(tiny_model, data, stage)).pipeline_id
     )
@@ -549,7 +560,7 @@ def test_stage_the_service_rejects_fails_the_run_with_its_reason(
     final = stack.get_run(run.run_id)
     assert final.state == RS.RUN_STATE_FAILED
     assert final.stages[0].state == SS.STAGE_STATE_FAILED and not final.stages[0].job_id
-    assert "spec.loop.batch_size" in final.error and "training" in final.error
+    assert "spec.dataset.path" in final.error and "training" in final.error
     assert events[-1].run_state_change.to_state == RS.RUN_STATE_FAILED
     assert training_jobs(stack) == []
 

@@ -133,9 +133,10 @@ def test_cancel_stops_a_running_job(training, tiny_model, tmp_path):
     final, events = stubs.wait(job.job_id, 30)
     assert final.state == common_pb2.JOB_STATE_CANCELLED
     assert events[-1].state_change.to_state == common_pb2.JOB_STATE_CANCELLED
-    with pytest.raises(grpc.RpcError) as err:
-        stubs.jobs.CancelJob(common_pb2.CancelJobRequest(job_id=job.job_id))
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # Idempotent, and it says so (issue 16): the job, unchanged, and "already-cancelled".
+    again, call = stubs.jobs.CancelJob.with_call(common_pb2.CancelJobRequest(job_id=job.job_id))
+    assert again.job.state == common_pb2.JOB_STATE_CANCELLED
+    assert dict(call.initial_metadata())["x-mlxu-cancel"] == "already-cancelled"
 
 
 @pytest.mark.parametrize(

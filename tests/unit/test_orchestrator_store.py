@@ -48,9 +48,9 @@ def test_pipelines_and_runs_are_idempotent_on_request_id(store: Store) -> None:
     assert a.pipeline_id == b.pipeline_id
     assert len(store.list_pipelines()[0]) == 1
     assert b.resolved["stages"][1]["spec"]["reference"]["model"] == "${stages.sft.result}"
-    with pytest.raises(InvalidArgument) as e:  # same key, different request
+    # Same key, different request: FAILED_PRECONDITION, as the trainer services answer it.
+    with pytest.raises(FailedPrecondition, match="request_id 'req-1' was used"):
         store.create_pipeline(a.spec, {"stages": []}, "req-1", "other-hash")
-    assert e.value.violations[0].field == "request_id"
     r1, created1 = store.create_run(a.pipeline_id, "run-req")
     r2, created2 = store.create_run(a.pipeline_id, "run-req")
     assert (created1, created2) == (True, False) and r1.run_id == r2.run_id
@@ -135,8 +135,8 @@ async def test_watch_replays_then_tails_until_the_run_ends(store: Store) -> None
     store.set_stage_state(rid, "sft", SS.STAGE_STATE_CANCELLED, "x")
     store.set_run_state(rid, RS.RUN_STATE_CANCELLED, "x")
     await asyncio.wait_for(task, 5)
-    assert got == [2, 3, 4]
+    assert got == [2, 3, 4, 5]  # 4: the never-started dpo stage ends CANCELLED with the run
     # A late watcher of a finished run gets the replay and ends.
-    assert [e.seq async for e in store.watch(rid)] == [1, 2, 3, 4]
+    assert [e.seq async for e in store.watch(rid)] == [1, 2, 3, 4, 5]
     with pytest.raises(NotFound):
         [e async for e in store.watch("run-nope")]

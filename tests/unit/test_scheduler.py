@@ -341,7 +341,7 @@ async def test_cancel_propagates_to_the_job(db: Path, backend: FakeBackend, data
     sft = stage(run, "sft")
     assert sft.state == SS.STAGE_STATE_CANCELLED and backend.cancel_calls == [sft.job_id]
     assert backend.jobs[sft.job_id].job.state == JS.JOB_STATE_CANCELLED
-    assert stage(run, "dpo").state == SS.STAGE_STATE_PENDING
+    assert stage(run, "dpo").state == SS.STAGE_STATE_CANCELLED  # never started
     assert (await s.cancel_run(run.run_id)).state == RS.RUN_STATE_CANCELLED  # idempotent
     last = s.store.events(run.run_id)[-1].run_state_change
     assert last.to_state == RS.RUN_STATE_CANCELLED and last.reason == "changed my mind"

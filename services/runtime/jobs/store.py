@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, storage_error
 
 
 class JobState(StrEnum):
@@ -214,15 +215,27 @@ class JobStore:
     @contextmanager
     def _tx(self):
         conn = self._conn()
-        # IMMEDIATE takes the write lock up front, so read-then-write (seq, state checks)
-        # cannot interleave with another writer.
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            # IMMEDIATE takes the write lock up front, so read-then-write (seq, state checks)
+            # cannot interleave with another writer.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (a full disk) leaves the transaction open; SQLite may also
+                # have rolled it back itself already.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            # A full disk or an unreadable database is an answer (RESOURCE_EXHAUSTED /
+            # UNAVAILABLE with the reason), not an internal error.
+            mapped = storage_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread's store is dropped)."""

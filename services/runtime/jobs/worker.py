@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -409,8 +410,23 @@ def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metr
         done = store.transition(
             job_id, JobState.SUCCEEDED, "trainer finished", expect={JobState.RUNNING}, **fields
         )
+        if done is None and result is not None and store.get(job_id).state == JobState.CANCELLED:
+            withdraw_result(Path(result.path), output_dir)
         log.info("job_done", recorded=done is not None)
     return status(EXIT_OK, "ok")
+
+
+def withdraw_result(path: Path, output_dir: Path) -> None:
+    """A cancel won the race with the trainer's finish: the job records no result, so its
+    final checkpoint is withdrawn (renamed aside, then removed) and no complete artifact
+    outlives a job that says CANCELLED. Step checkpoints stay (a retry resumes from them)."""
+    if path.parent != output_dir or not path.is_dir():
+        return
+    aside = output_dir / f".withdrawn-{path.name}-{os.getpid()}"
+    with contextlib.suppress(OSError):
+        os.replace(path, aside)
+        log.info("result_withdrawn", path=str(path), reason="job cancelled while finishing")
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

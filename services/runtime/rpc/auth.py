@@ -1,6 +1,7 @@
 """API-key authentication: metadata ``x-api-key`` compared in constant time.
 
-Health and reflection stay open so probes and gRPC tools work without a key.
+Health and reflection stay open so probes and gRPC tools work without a key. This
+interceptor runs first: a refused call's body is never decoded.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    # No request deserializer: a caller without a valid key gets UNAUTHENTICATED whatever
+    # the body holds, and nothing of it is parsed (auth runs before decoding).
+    kw = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
     if handler.request_streaming:

@@ -1,49 +1,147 @@
-"""GenerationService over services.runtime.generation (any service may mount it)."""
+"""GenerationService over services.runtime.generation (any service may mount it).
+
+One client can never block another beyond its place in line:
+
+- admission: at most ``generate_concurrency`` calls run (MLX work is serialised anyway) and
+  at most ``generate_queue`` wait, first come first served; one more is RESOURCE_EXHAUSTED;
+- every call is bounded in size (prompt tokens, chat messages, max_tokens: see Limits) and in
+  time: it stops when its client's deadline passes, when the client cancels or goes away,
+  or after ``generate_max_seconds`` without a deadline - checked between prefill chunks and
+  between tokens, so a long prompt stops within one chunk of its deadline.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from grpc import aio
 
 from mlx_unified.v1 import generation_pb2, generation_pb2_grpc
 from services.runtime import generation
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from services.runtime.models import resolve_model
-from services.runtime.paths import confine
+from services.runtime.refs import resolve_adapter
 from services.runtime.settings import Settings
 
 _FINISH = {
     "stop": generation_pb2.FINISH_REASON_STOP,
     "length": generation_pb2.FINISH_REASON_LENGTH,
 }
-
-
 _DONE = object()
 
 
-async def _in_one_thread(it: Iterator) -> AsyncIterator:
+class Admission:
+    """A FIFO of calls: ``capacity`` run at once, ``queue`` may wait. ``release`` is safe
+    from any thread (the generation thread frees its slot when it has really stopped)."""
+
+    def __init__(self, capacity: int, queue: int) -> None:
+        self.capacity, self.queue = max(capacity, 1), max(queue, 0)
+        self.running = 0
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def acquire(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.running < self.capacity and not self._waiting:
+            self.running += 1
+            return
+        if len(self._waiting) >= self.queue:
+            raise ResourceExhausted(
+                f"the generation queue is full ({self.running} running, {len(self._waiting)} "
+                f"waiting; MLXU_GENERATE_CONCURRENCY / MLXU_GENERATE_QUEUE); retry later",
+                reason="GENERATE_QUEUE_FULL",
+                retry_after_s=1.0,
+            )
+        fut = self._loop.create_future()
+        self._waiting.append(fut)
+        try:
+            await fut  # the slot is handed over by _release (running stays counted)
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._release()  # handed a slot just as we were cancelled: pass it on
+            else:
+                self._waiting.remove(fut)
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)  # hand the slot over
+                return
+        self.running -= 1
+
+    def release(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._release()
+        else:
+            loop.call_soon_threadsafe(self._release)
+
+
+class _Call:
+    """When one call must stop: its deadline (capped), its client's cancel."""
+
+    def __init__(self, context: aio.ServicerContext, cap_s: float) -> None:
+        remaining = context.time_remaining()
+        self.capped = remaining is None or remaining > cap_s
+        budget = cap_s if self.capped else remaining
+        self.end = time.monotonic() + budget
+        self.cap_s = cap_s
+        self.gone = threading.Event()
+        context.add_done_callback(lambda _ctx: self.gone.set())
+
+    def should_stop(self) -> str | None:
+        if self.gone.is_set():
+            return "the client cancelled or went away"
+        if time.monotonic() > self.end:
+            return "deadline"
+        return None
+
+    def stopped(self, exc: generation.Stopped) -> Exception:
+        if self.capped and str(exc) == "deadline":
+            return DeadlineExceeded(
+                f"generation stopped after {self.cap_s:g} s (MLXU_GENERATE_MAX_SECONDS); "
+                "set a deadline or ask for fewer tokens"
+            )
+        return DeadlineExceeded(f"generation stopped: {exc}")
+
+
+async def _in_one_thread(it: Iterator, on_exit: Callable[[], None]) -> AsyncIterator:
     """Drive a blocking iterator on one dedicated thread (MLX streams are thread-bound),
-    handing items to the event loop; a client that goes away stops it at the next item."""
+    handing items to the event loop; ``on_exit`` runs on that thread once it is done."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
 
+    def put(item: object) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
     def pump() -> None:
         try:
             for item in it:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                put(item)
                 if stop.is_set():
                     break
-            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+            put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the loop side
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
+            put(exc)
         finally:
             close = getattr(it, "close", None)
             if close:
                 close()
+            on_exit()
 
     thread = threading.Thread(target=pump, name="generate", daemon=True)
     thread.start()
@@ -59,40 +157,53 @@ async def _in_one_thread(it: Iterator) -> AsyncIterator:
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def __init__(self, settings: Settings, cache: generation.ModelCache | None = None) -> None:
         self.settings = settings
-        self.cache = cache or generation.ModelCache()
+        self.limits = settings.limits
+        self.cache = cache or generation.ModelCache(roots=settings.allowed_roots)
+        self.admission = Admission(self.limits.generate_concurrency, self.limits.generate_queue)
 
     async def _model(self, ref, field: str) -> tuple[str, str | None]:  # noqa: ANN001
+        s = self.settings
         path = await asyncio.to_thread(
-            resolve_model, ref.model, self.settings.home, self.settings.allowed_roots, field
+            resolve_model, ref.model, s.home, s.allowed_roots, field, offline=s.offline
         )
         adapter = None
         if ref.adapter_path:
-            adapter = str(confine(ref.adapter_path, self.settings.allowed_roots, f"{field}_path"))
+            adapter = str(await asyncio.to_thread(resolve_adapter, ref.adapter_path, s, "model"))
         return str(path), adapter
 
-    async def Generate(
-        self, request: generation_pb2.GenerateRequest, context: aio.ServicerContext
-    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        s = request.sampling
+    def _sampling(self, s: generation_pb2.SamplingParams) -> generation.Sampling:
         sampling = generation.Sampling(
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
-            max_tokens=s.max_tokens or 128,
+            max_tokens=s.max_tokens or min(128, self.limits.generate_max_tokens),
             stop=tuple(s.stop),
             seed=s.seed if s.HasField("seed") else None,
             repetition_penalty=s.repetition_penalty,
         )
-        sampling.validate("sampling")
+        sampling.validate("sampling", self.limits.generate_max_tokens)
+        return sampling
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        sampling = self._sampling(request.sampling)
         which = request.WhichOneof("input")
         if which is None:
             raise InvalidArgument.one("prompt", "give a prompt or a chat conversation")
         messages = None
+        if which == "prompt" and not request.prompt:
+            raise InvalidArgument.one("prompt", "must not be empty")
         if which == "chat":
             if not request.chat.messages:
                 raise InvalidArgument.one("chat.messages", "must not be empty")
+            for i, m in enumerate(request.chat.messages):
+                if not m.role:
+                    raise InvalidArgument.one(f"chat.messages[{i}].role", "is required")
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
         path, adapter = await self._model(request.model, "model.model")
+        call = _Call(context, float(self.limits.generate_max_seconds))
+        await self.admission.acquire()
         it = generation.generate(
             self.cache,
             path,
@@ -101,28 +212,51 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             prompt=request.prompt if which == "prompt" else None,
             messages=messages,
             return_logprobs=request.return_logprobs,
+            should_stop=call.should_stop,
+            max_prompt_tokens=self.limits.generate_max_prompt_tokens,
+            prefill_chunk=self.limits.generate_prefill_chunk,
         )
-        async for chunk in _in_one_thread(it):
-            yield generation_pb2.GenerateResponse(
-                text=chunk.text,
-                token_ids=chunk.token_ids,
-                logprobs=chunk.logprobs,
-                finish_reason=_FINISH.get(chunk.finish_reason or "", 0),
-                prompt_tokens=chunk.prompt_tokens,
-                completion_tokens=chunk.completion_tokens,
-                tokens_per_second=chunk.tokens_per_second,
-            )
+        try:
+            async for chunk in _in_one_thread(it, self.admission.release):
+                yield generation_pb2.GenerateResponse(
+                    text=chunk.text,
+                    token_ids=chunk.token_ids,
+                    logprobs=chunk.logprobs,
+                    finish_reason=_FINISH.get(chunk.finish_reason or "", 0),
+                    prompt_tokens=chunk.prompt_tokens,
+                    completion_tokens=chunk.completion_tokens,
+                    tokens_per_second=chunk.tokens_per_second,
+                )
+        except generation.Stopped as exc:
+            raise call.stopped(exc) from None
 
     async def ScoreCompletions(
         self, request: generation_pb2.ScoreCompletionsRequest, context: aio.ServicerContext
     ) -> generation_pb2.ScoreCompletionsResponse:
         if not request.items:
             raise InvalidArgument.one("items", "must not be empty")
-        if len(request.items) > 256:
-            raise InvalidArgument.one("items", "at most 256 items per call")
         path, adapter = await self._model(request.model, "model.model")
         items = [(i.prompt, i.completion) for i in request.items]
-        scores = await asyncio.to_thread(generation.score, self.cache, path, adapter, items)
+        call = _Call(context, float(self.limits.generate_max_seconds))
+        await self.admission.acquire()
+
+        def work() -> list[list[float]]:
+            try:
+                return generation.score(
+                    self.cache,
+                    path,
+                    adapter,
+                    items,
+                    should_stop=call.should_stop,
+                    max_tokens=self.limits.generate_max_prompt_tokens,
+                )
+            finally:
+                self.admission.release()
+
+        try:
+            scores = await asyncio.to_thread(work)
+        except generation.Stopped as exc:
+            raise call.stopped(exc) from None
         return generation_pb2.ScoreCompletionsResponse(
             scores=[
                 generation_pb2.CompletionScore(

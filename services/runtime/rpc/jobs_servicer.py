@@ -15,9 +15,13 @@ from services.runtime import logs
 from services.runtime.errors import InvalidArgument
 from services.runtime.jobs.runner import JobRunner
 from services.runtime.jobs.store import JobStore, follow, new_job_id
-from services.runtime.paths import check_name
+from services.runtime.paths import check_name, check_output_dir, confine, read_json
 from services.runtime.rpc import convert
 from services.runtime.settings import Settings
+
+# Response metadata of CancelJob / CancelRun: "cancelled" (this call cancelled it) or
+# "already-cancelled" (it was cancelled before; the call changed nothing).
+CANCEL_OUTCOME = "x-mlxu-cancel"
 
 
 @dataclass
@@ -53,6 +57,7 @@ class JobsHost:
         output_dir = self.settings.checkpoints_dir / name
         if output_name:
             await asyncio.to_thread(self._check_output_dir, output_dir, request_id, field_prefix)
+        await asyncio.to_thread(self._check_hostfile, config, field_prefix)
         record, created = await asyncio.to_thread(
             self.store.create,
             kind,
@@ -75,6 +80,8 @@ class JobsHost:
         same = self.store.by_request_id(request_id) if request_id else None
         if same is not None and same.output_dir == str(output_dir):
             return  # the same request retried: the store returns the same job
+        # A symlink at (or inside) checkpoints/<name> would make the job write elsewhere.
+        check_output_dir(output_dir, self.settings.checkpoints_dir, f"{prefix}.output_name")
         for owner in self.store.by_output_dir(str(output_dir)):
             if not owner.terminal or owner.state == "SUCCEEDED":
                 raise InvalidArgument.one(
@@ -83,6 +90,21 @@ class JobsHost:
                 )
         if output_dir.exists():
             logs.get().info("output_dir_adopted", output_dir=str(output_dir))
+
+    def _check_hostfile(self, config: dict, prefix: str) -> None:
+        """A job's hostfile is confined and read at Start (a regular file of JSON host
+        entries), not first when the job launches; the config keeps its real path."""
+        res = config.get("resources")
+        raw = (res or {}).get("hostfile") if isinstance(res, dict) else None
+        if not raw:
+            return
+        field = f"{prefix}.resources.hostfile"
+        path = confine(str(raw), self.settings.allowed_roots, field)
+        data = read_json(path, self.settings.allowed_roots, field)
+        entries = data.get("hosts") if isinstance(data, dict) else data
+        if not isinstance(entries, list) or not entries:
+            raise InvalidArgument.one(field, 'must hold a JSON list of hosts (or {"hosts": [...]})')
+        res["hostfile"] = str(path)
 
     async def on_start(self) -> None:
         await self.runner.recover()
@@ -136,7 +158,13 @@ class JobServicer(common_pb2_grpc.JobServiceServicer):
         self, request: common_pb2.CancelJobRequest, context: aio.ServicerContext
     ) -> common_pb2.CancelJobResponse:
         _require_id(request.job_id)
+        record = await asyncio.to_thread(self.host.store.get, request.job_id)
+        if record.state == "CANCELLED":
+            # Idempotent, and says so: nothing was cancelled by this call.
+            await context.send_initial_metadata(((CANCEL_OUTCOME, "already-cancelled"),))
+            return common_pb2.CancelJobResponse(job=convert.job(record))
         record = await self.host.runner.cancel(request.job_id, request.reason or "cancelled")
+        await context.send_initial_metadata(((CANCEL_OUTCOME, "cancelled"),))
         return common_pb2.CancelJobResponse(job=convert.job(record))
 
 

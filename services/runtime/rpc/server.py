@@ -115,11 +115,13 @@ async def start(settings: Settings, register: Registrar | None = None) -> Runnin
     interceptors: list[aio.ServerInterceptor] = []
     if settings.api_keys:
         interceptors.append(ApiKeyInterceptor(settings.api_keys))
-    interceptors.append(ErrorInterceptor())
+    # After auth: only a caller with a valid key gets its body decoded and validated.
+    interceptors.append(ErrorInterceptor(settings.limits))
     server = aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            # A larger body is refused by gRPC itself with RESOURCE_EXHAUSTED.
+            ("grpc.max_receive_message_length", settings.limits.max_request_bytes or MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
         ],

@@ -57,6 +57,8 @@ class ExportConfig(DictConfig):
 def _load(path: str, adapter_path: str | None) -> tuple[nn.Module, Any, dict]:
     from mlx_lm.utils import load
 
+    # Files may have been swapped for symlinks since Start checked them: check again here.
+    models.confine_local(path, adapter_path, None, "spec.model")
     try:
         # mlx-lm's own loader: the stored dtype is kept (no cast to a training dtype).
         return load(path, adapter_path=adapter_path, return_config=True)
