@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(pc.summary_line(r) if "error" not in r else f"ERR {name}: {r['error']}",
                   flush=True)  # fmt: skip
+            path = pc.save_results("parity", results, args)  # after every case: a time limit
+            path.with_suffix(".md").write_text(markdown(results, args))  # keeps what ran
     path = pc.save_results("parity", results, args)
     path.with_suffix(".md").write_text(markdown(results, args))
     print(f"wrote {path} and {path.with_suffix('.md').name}")
