@@ -2,8 +2,9 @@
 
     uv run python bench/bench_kd.py                          # CPU defaults: both parts
     uv run python bench/bench_kd.py --parts speed --models tiny --steps 20
-    uv run python bench/bench_kd.py --parts compare --compare-steps 60 --eval-every 10
-    (defaults: ~4.5 min for the speed part, ~4.5 min for a 40-step comparison, idle 2-core CPU)
+    uv run python bench/bench_kd.py --parts compare --seeds 0,1,2 --compare-steps 60
+    python3 bench/bench_kd.py --parts compare --out DIR        # GPU: 3 seeds, ~4 min
+    (CPU, idle 2 cores: ~4.5 min for the speed part, ~4.5 min per seed of a 40-step comparison)
 
 Part "speed": services.distillation.trainers.kd.run, called directly with a JobContext, for
 logit KD with one teacher, logit KD with two teachers (a mixture), and feature KD (one
@@ -18,13 +19,14 @@ student is ``student_init`` at half the teacher's depth, trained in full. Models
   it (``--teacher2-bits 8`` quantizes that copy: very slow on a CPU, see the notes); student
   15 of its 30 blocks.
 
-Part "compare" (the distillation issue's real check): teacher SmolLM2-135M, student its
-half-depth copy; KD and plain SFT train the same student from the same init on the same rows
-(one epoch: the same batches, each trainer in its own seeded order) for the same steps (AdamW,
-constant lr), and both report the student's cross entropy on held-out text every
-``--eval-every`` steps (and at step 0). The text is the repository's own markdown (README.md,
-docs/**.md; or --text-source): the last ``--compare-valid-rows`` chunks of it are held out,
-the rows before them train.
+Part "compare" (the distillation issue's real check, kd_compare.py): teacher SmolLM2-135M,
+student its half-depth copy; for each of ``--seeds`` (default 0,1,2: the trainers' loop seed,
+i.e. the row order), KD and plain SFT train the same student from the same init on the same
+rows (one epoch) for the same steps (AdamW, constant lr, float32), and both report the
+student's cross entropy on held-out text every ``--eval-every`` steps (and at step 0); the
+table gives mean and spread over the seeds. The text is the repository's own markdown
+(README.md, docs/**.md; or --text-source): the last ``--compare-valid-rows`` chunks of it are
+held out, the rows before them train.
 
 Every run is its own process (clean peak memory). tokens/s counts the tokens that carry loss
 (every position of these fixed-length text rows but the last); steps 1..warmup are not
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import kd_compare
 
 import services  # noqa: F401 - first: loads OpenBLAS before anything imports mlx.core
 
@@ -71,11 +74,6 @@ COLUMNS = [
     ("vs_sft", "tok/s vs SFT"), ("peak_train_gb", "peak GB (train)"),
     ("peak_all_gb", "peak GB (all)"), ("rss_gb", "max RSS GB"),
     ("cache_s", "cache build s"), ("loss", "loss first→last"), ("note", "note"),
-]  # fmt: skip
-CURVE_COLUMNS = [
-    ("step", "step"), ("kd_ce", "KD student held-out CE"), ("sft_ce", "SFT student held-out CE"),
-    ("diff", "KD − SFT"), ("kd_train_ce", "KD train CE (batch)"),
-    ("sft_train_ce", "SFT train CE (batch)"),
 ]  # fmt: skip
 
 
@@ -130,7 +128,8 @@ class Probe:
 def _loop(job: dict, total: int, eval_every: int = -1) -> dict:
     return {"batch_size": job["batch"], "max_steps": total, "max_seq_length": job["seq_len"],
             "steps_per_report": 1, "steps_per_eval": eval_every, "steps_per_checkpoint": -1,
-            "keep_last_checkpoints": 1, "dtype": job["dtype"], "seed": 0}  # fmt: skip
+            "keep_last_checkpoints": 1, "dtype": job["dtype"],
+            "seed": job.get("seed", 0)}  # fmt: skip
 
 
 def _optimizer(job: dict) -> dict:
@@ -323,7 +322,9 @@ def _teachers(name: str, home: Path, bits: int = 0) -> tuple[list[dict], int]:
             tag = f"bench-kd-l{cfg['num_layers']}-h{cfg['hidden_size']}-s{cfg['seed']}"
             paths.append(str(build_tiny_model(home / "models" / tag, **cfg)))
         return [{"model": p} for p in paths], TINY_TEACHERS[0]["num_layers"]
-    path = resolve_model(SMOLLM2 if name == "smollm2" else name, home, (home, Path.cwd()))
+    path = common.local_model(name) or resolve_model(
+        SMOLLM2 if name == "smollm2" else name, home, (home, Path.cwd())
+    )
     layers = json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"]
     second = {"model": path, "extra": {"quantize_bits": bits} if bits else {}}
     return [{"model": path}, second], layers
@@ -423,11 +424,12 @@ def _speed_rows(args, work: Path, name: str, on_gpu: bool, shared: dict):
     batch, seq_len, warmup, steps = _settings(args, name, on_gpu)
     teachers, t_layers = _teachers(name, args.home, args.teacher2_bits)
     half = max(1, t_layers // 2)
-    init_dir, _ = student.init_student(teachers[0]["model"], work / f"student-{name}",
+    tag = common.slug(name)
+    init_dir, _ = student.init_student(teachers[0]["model"], work / f"student-{tag}",
                                        num_layers=half)  # fmt: skip
     rows_needed = max(batch * (warmup + steps), 8)
     sources = args.text_source or common.default_text_sources()
-    ds, info = fixed_length_text(work, name, teachers[0]["model"], sources, seq_len,
+    ds, info = fixed_length_text(work, tag, teachers[0]["model"], sources, seq_len,
                                  rows_needed, 8)  # fmt: skip
     shared["data"][name] = info
     print(f"[{name}] teacher layers {t_layers}, student {half}; data {json.dumps(info)}")
@@ -439,7 +441,8 @@ def _speed_rows(args, work: Path, name: str, on_gpu: bool, shared: dict):
     rows, sft_tps = [], None
     for kind in _list(args.kinds):
         for cache in [False] if kind == "sft" else [False, True]:
-            job = {**base, "kind": kind, "cache": cache, "stem": f"{name}-{kind}-c{int(cache)}"}
+            stem = f"{common.slug(name)}-{kind}-c{int(cache)}"
+            job = {**base, "kind": kind, "cache": cache, "stem": stem}
             if kind == "sft":
                 job.update(student=str(init_dir), student_init_dir="")
             if kind == "logit-2t":
@@ -491,57 +494,6 @@ def _speed_rows(args, work: Path, name: str, on_gpu: bool, shared: dict):
     return rows
 
 
-def _compare(args, work: Path, shared: dict) -> tuple[list[dict], dict]:
-    from services.distillation.trainers import student
-
-    teachers, t_layers = _teachers(args.compare_teacher, args.home)
-    teacher = teachers[0]["model"]
-    half = max(1, t_layers // 2)
-    init_dir, kept = student.init_student(teacher, work / "compare-student", num_layers=half)
-    seq_len, batch, steps = args.compare_seq_len, args.compare_batch, args.compare_steps
-    sources = args.text_source or common.default_text_sources()
-    ds, info = fixed_length_text(work, "compare", teacher, sources, seq_len,
-                                 batch * steps, args.compare_valid_rows)  # fmt: skip
-    print(f"[compare] teacher {teacher} ({t_layers} layers), student blocks {kept}; "
-          f"data {json.dumps(info)}", flush=True)  # fmt: skip
-    base = {"part": "compare", "teachers": teachers[:1], "teacher_path": teacher,
-            "student": str(init_dir), "dataset": str(ds), "batch": batch, "seq_len": seq_len,
-            "steps": steps, "warmup": 1, "eval_every": args.eval_every, "eval_batch": 4,
-            "dtype": shared["dtype"], "lr": args.compare_lr, "alpha": args.alpha,
-            "temperature": args.temperature, "top_k": args.top_k}  # fmt: skip
-    got = {}
-    for kind in ("kd", "sft"):
-        res = _measure(args, work, {**base, "kind": kind, "stem": f"compare-{kind}"})
-        if not res.ok:
-            raise SystemExit(f"compare {kind} failed: {res.error}")
-        got[kind] = res.result
-        c = res.result["curve"]
-        print(f"  compare {kind}: held-out CE {c[0]['ce']:.3f} → {c[-1]['ce']:.3f} "
-              f"({res.seconds:.0f} s)", flush=True)  # fmt: skip
-    kd_curve = {p["step"]: p["ce"] for p in got["kd"]["curve"]}
-    sft_curve = {p["step"]: p["ce"] for p in got["sft"]["curve"]}
-    rows = []
-    for step in sorted(set(kd_curve) | set(sft_curve)):
-        k, s = kd_curve.get(step), sft_curve.get(step)
-        rows.append({"step": step, "kd_ce": k, "sft_ce": s,
-                     "diff": k - s if k is not None and s is not None else None,
-                     "kd_train_ce": got["kd"]["train_ce"].get(str(step)),
-                     "sft_train_ce": got["sft"]["train_ce"].get(str(step))})  # fmt: skip
-    summary = {
-        "teacher": teacher,
-        "teacher_heldout_ce": got["sft"].get("teacher_ce"),
-        "student_blocks": kept,
-        "data": info,
-        "kd_step_s": got["kd"]["step_s_mean"],
-        "sft_step_s": got["sft"]["step_s_mean"],
-        "kd_run_s": got["kd"]["run_s"],
-        "sft_run_s": got["sft"]["run_s"],
-        "kd_tps": got["kd"]["target_tps"],
-        "sft_tps": got["sft"]["target_tps"],
-    }
-    return rows, summary
-
-
 def _list(s: str) -> list[str]:
     return [x for x in s.split(",") if x]
 
@@ -563,13 +515,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--teacher2-bits", type=int, default=0, choices=[0, 4, 8],
         help="quantize the second copy of a real teacher (MLX's quantized matmul is ~50x "
              "slower than fp32 + OpenBLAS on this CPU)")  # fmt: skip
-    add("--compare-teacher", default="smollm2")
-    add("--compare-steps", type=int, default=40)
-    add("--compare-batch", type=int, default=2)
-    add("--compare-seq-len", type=int, default=128)
-    add("--compare-lr", type=float, default=5e-5)
-    add("--compare-valid-rows", type=int, default=8)
-    add("--eval-every", type=int, default=10)
+    kd_compare.add_args(add)
     add("--text-source", action="append", type=Path,
         help="text file(s) for the rows (default: the repo's *.md files)")  # fmt: skip
     add("--repeat", type=int, default=1, help="speed runs: N runs each, the best is kept")
@@ -632,39 +578,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + text + f"\nwrote {md_path}")
     if "compare" in parts:
         t0 = time.perf_counter()
-        rows, summary = _compare(args, work, shared)
-        src = ", ".join(str(p.relative_to(common.REPO)) if p.is_relative_to(common.REPO) else str(p)
-                        for p in (args.text_source or common.default_text_sources()))  # fmt: skip
-        tce = summary["teacher_heldout_ce"]
-        notes = [
-            f"Teacher {args.compare_teacher} ({summary['teacher']}); held-out CE of the "
-            f"teacher itself: {tce:.3f}. Student: its blocks {summary['student_blocks']} "
-            "(student_init, evenly spaced), the same initial weights for both runs.",
-            f"Data: the repository's own text ({src}), whitespace collapsed, cut into rows of "
-            f"exactly {args.compare_seq_len} tokens; the last {args.compare_valid_rows} rows' "
-            "worth of text is held out (no training row overlaps it); "
-            f"{json.dumps(summary['data'])}.",
-            f"Both: full fine-tuning, AdamW lr {args.compare_lr} constant, batch "
-            f"{args.compare_batch}, {args.compare_steps} steps over the same training rows (one "
-            "epoch when steps x batch = rows: the same batches, each trainer in its own "
-            "seeded order). "
-            f"KD: forward KL, alpha {args.alpha}, T {args.temperature}, live teacher (no cache).",
-            "Held-out CE: the student's plain next-token cross entropy (nats/token) on the "
-            "held-out rows; step 0 = before training. Train CE: the data CE of that step's "
-            "batch (KD: its ce_loss term).",
-            f"Cost: KD {summary['kd_step_s']:.2f} s/step ({summary['kd_tps']:.0f} tok/s), SFT "
-            f"{summary['sft_step_s']:.2f} s/step ({summary['sft_tps']:.0f} tok/s), held-out "
-            "evals excluded.",
-            *busy_notes(),
-        ]
-        settings = {"dtype": shared["dtype"], "steps": args.compare_steps,
-                    "eval_every": args.eval_every,
+        dtype = shared["dtype"] if args.compare_dtype == "auto" else args.compare_dtype
+        rows, summary = kd_compare.run(args, work, dtype, on_gpu, _measure)
+        settings = {"dtype": dtype, "seeds": args.seeds, "steps": args.compare_steps,
+                    "batch": args.compare_batch, "seq_len": args.compare_seq_len,
+                    "lr": args.compare_lr, "eval_every": args.eval_every,
                     "wall_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
-        _, md_path, text = common.write_results(
-            "kd-vs-sft", rows, CURVE_COLUMNS, info, settings=settings, notes=notes,
-            out_dir=args.out, extra={"summary": summary, "argv": sys.argv[1:]},
+        json_path, md_path, text = common.write_results(
+            "kd-vs-sft", rows, kd_compare.COLUMNS, info, settings=settings,
+            notes=kd_compare.notes(args, summary) + busy_notes(), out_dir=args.out,
+            extra={"summary": summary, "argv": sys.argv[1:]},
         )  # fmt: skip
-        print("\n" + text + f"\nwrote {md_path}")
+        print("\n" + text + f"\nwrote {json_path} and {md_path}")
     print(f"total {time.perf_counter() - tic:.0f} s")
     if args.keep:
         print(f"work dir kept: {work}")

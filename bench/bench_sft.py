@@ -265,8 +265,10 @@ def _resolve_models(names: list[str], home: Path) -> dict[str, str]:
             cfg = TINY_CONFIGS[name]
             tag = f"bench-tiny-l{cfg['num_layers']}-h{cfg['hidden_size']}"
             out[name] = str(build_tiny_model(home / "models" / tag, **cfg))
-        else:
-            out[name] = resolve_model(MODEL_ALIASES.get(name, name), home, (home, Path.cwd()))
+        else:  # a model directory given by path is used as it is, wherever it lies
+            out[name] = common.local_model(name) or resolve_model(
+                MODEL_ALIASES.get(name, name), home, (home, Path.cwd())
+            )
     return out
 
 
@@ -324,7 +326,7 @@ def _settings(args, model: str, on_gpu: bool) -> tuple[int, int, int, int]:
 def _dataset(args, work: Path, name: str, model_path: str, data: str, sizes: tuple):
     """(dataset ref for our trainer, items file for the peers, stats)."""
     batch, seq_len, warmup, steps = sizes
-    items = work / f"items-{name}-{data}.json"
+    items = work / f"items-{common.slug(name)}-{common.slug(data)}.json"
     prep = (seq_len, batch, warmup + steps, items)
     if data != "text":
         ds = {"path": str(Path(args.data if data == "faq" else data).resolve())}
@@ -406,9 +408,9 @@ def _bench(args, work: Path, name: str, path: str, data: str, on_gpu: bool, shar
                "order": args.order}  # fmt: skip
         for rep in range(args.repeat):  # sides alternate, so a busy spell hits both
             for side in shared["sides"]:
-                res = _measure(
-                    args, work, {**job, "side": side}, f"{name}-{data}-{method}-{side}-{rep}"
-                )
+                # A model or dataset given as a path must not put '/' into a file name.
+                stem = f"{common.slug(name)}-{common.slug(data)}-{method}-{side}-{rep}"
+                res = _measure(args, work, {**job, "side": side}, stem)
                 runs[side].append(res)
                 got = (f"{res.result['target_tps']:.1f} target tok/s" if res.ok
                        else f"FAILED: {res.error[-300:]}")  # fmt: skip

@@ -305,6 +305,24 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     return "\n".join([head, sep, *body])
 
 
+def slug(name: str, limit: int = 48) -> str:
+    """``name`` (a model name or path, a dataset path) as one safe file-name component:
+    '/abs/path/to/model' -> 'abs_path_to_model'; long ones keep their tail and a short hash."""
+    import hashlib
+
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "x"
+    if len(s) > limit:
+        s = s[-(limit - 9) :].lstrip("._") + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return s
+
+
+def local_model(ref: str) -> str | None:
+    """An existing mlx-lm model directory given by path (benchmarks run where the user
+    points them, so no root confinement), else None: let ``resolve_model`` decide."""
+    p = Path(ref).expanduser()
+    return str(p.resolve()) if (p / "config.json").is_file() else None
+
+
 def result_stem(name: str, host: str | None = None) -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", host or socket.gethostname())
     return f"{name}-{host}-{_dt.date.today().isoformat()}"
