@@ -444,3 +444,17 @@ def save_results(family: str, results: list[dict[str, Any]], args) -> Path:
            "environment": environment(), "results": results}  # fmt: skip
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def run_cases(family: str, cases: dict, args, detail=None) -> int:
+    """Run a family's selected cases, print one line each (plus ``detail(r)`` if given), save
+    the results; exit status 1 if any case is off its target."""
+    results = []
+    for name, fn in cases.items():
+        if args.only and name not in args.only:
+            continue
+        r = fn(args)
+        results.append(r)
+        print(summary_line(r) + (detail(r) if detail else ""), flush=True)
+    save_results(family, results, args)
+    return 0 if all(r["within_target"] for r in results) else 1

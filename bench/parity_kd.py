@@ -540,20 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         build_teachers()
         return 0
     args = pc.parse_args("Distillation parity against TRL's GKD loss + torch", argv)
-    results = []
-    for name, fn in CASES.items():
-        if args.only and name not in args.only:
-            continue
-        r = fn(args)
-        results.append(r)
-        print(pc.summary_line(r), flush=True)
+
+    def detail(r: dict) -> str:
         worst = max(r["parts"].items(), key=lambda kv: kv[1]["max_rel"])
         first = ", ".join(f"{k} {v['first'][0]:.4g}" for k, v in r["parts"].items())
         secs = r["seconds"]
-        print(f"    parts: worst {worst[0]} rel {worst[1]['max_rel']:.1e}; first {first}; "
-              f"time ours {secs['ours']} s, ref {secs['reference']} s", flush=True)  # fmt: skip
-    pc.save_results("parity-kd", results, args)
-    return 0 if all(r["within_target"] for r in results) else 1
+        return (f"\n    parts: worst {worst[0]} rel {worst[1]['max_rel']:.1e}; first {first}; "
+                f"time ours {secs['ours']} s, ref {secs['reference']} s")  # fmt: skip
+
+    return pc.run_cases("parity-kd", CASES, args, detail)
 
 
 if __name__ == "__main__":

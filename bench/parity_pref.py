@@ -469,24 +469,14 @@ CASES = {name: (lambda args, _n=name: run_case(_n, args)) for name in VARIANTS}
 
 def main(argv: list[str] | None = None) -> int:
     args = pc.parse_args("Reward-model and DPO parity against TRL + transformers + peft", argv)
-    import torch
     import trl.trainer.dpo_trainer  # noqa: F401  (~20 s, once: not counted in a case's time)
     import trl.trainer.reward_trainer  # noqa: F401
 
-    if args.torch_device == "cpu":
-        # The tiny model's ops are far smaller than a thread pool's overhead; on a shared
-        # 2-core machine torch's default threads made the reference ~15x slower.
-        torch.set_num_threads(1)
-    results = []
-    for name, fn in CASES.items():
-        if args.only and name not in args.only:
-            continue
-        r = fn(args)
-        results.append(r)
+    def detail(r: dict) -> str:
         checks = " ".join(f"{k} {v:.1e}" for k, v in r["reference_checks"].items())
-        print(pc.summary_line(r), checks, f"{r['seconds']}s", flush=True)
-    pc.save_results("parity-pref", results, args)
-    return 0 if all(r["within_target"] for r in results) else 1
+        return f" {checks} {r['seconds']}s"
+
+    return pc.run_cases("parity-pref", CASES, args, detail)
 
 
 if __name__ == "__main__":

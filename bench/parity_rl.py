@@ -771,22 +771,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for dotted in TRAINERS.values():
         pc.load_trainer(dotted)
-    if args.torch_device == "cpu":
-        import torch
 
-        # Tiny matrices: one thread is ~10x faster than two competing ones here.
-        torch.set_num_threads(1)
-    results = []
-    for name, fn in CASES.items():
-        if args.only and name not in args.only:
-            continue
-        r = fn(args)
-        results.append(r)
+    def detail(r: dict) -> str:
         took = f"({r['seconds']['ours']}s + {r['seconds']['reference']}s)"
-        line = f"{pc.summary_line(r)}  per-update rel {r['max_rel_dloss_per_update']:.1e}"
-        print(f"{line}  {took}", flush=True)
-    pc.save_results("parity-rl", results, args)
-    return 0 if all(r["within_target"] for r in results) else 1
+        return f"  per-update rel {r['max_rel_dloss_per_update']:.1e}  {took}"
+
+    return pc.run_cases("parity-rl", CASES, args, detail)
 
 
 if __name__ == "__main__":

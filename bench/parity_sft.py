@@ -355,16 +355,7 @@ CASES = {name: (lambda args, _n=name: run_case(_n, args)) for name in VARIANTS}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    results = []
-    for name, fn in CASES.items():
-        if args.only and name not in args.only:
-            continue
-        r = fn(args)
-        results.append(r)
-        print(pc.summary_line(r), flush=True)
-    pc.save_results("parity-sft", results, args)
-    return 0 if all(r["within_target"] for r in results) else 1
+    return pc.run_cases("parity-sft", CASES, parse(argv))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
