@@ -67,6 +67,12 @@ class CheckpointKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHECKPOINT_KIND_UNSPECIFIED: _ClassVar[CheckpointKind]
     CHECKPOINT_KIND_ADAPTER: _ClassVar[CheckpointKind]
     CHECKPOINT_KIND_FULL: _ClassVar[CheckpointKind]
+
+class JobView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_VIEW_UNSPECIFIED: _ClassVar[JobView]
+    JOB_VIEW_BASIC: _ClassVar[JobView]
+    JOB_VIEW_FULL: _ClassVar[JobView]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_PENDING: JobState
 JOB_STATE_RUNNING: JobState
@@ -103,6 +109,9 @@ DISTRIBUTED_BACKEND_JACCL: DistributedBackend
 CHECKPOINT_KIND_UNSPECIFIED: CheckpointKind
 CHECKPOINT_KIND_ADAPTER: CheckpointKind
 CHECKPOINT_KIND_FULL: CheckpointKind
+JOB_VIEW_UNSPECIFIED: JobView
+JOB_VIEW_BASIC: JobView
+JOB_VIEW_FULL: JobView
 
 class ModelRef(_message.Message):
     __slots__ = ("model", "adapter_path")
@@ -393,12 +402,14 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchJobRequest(_message.Message):
-    __slots__ = ("job_id", "after_seq")
+    __slots__ = ("job_id", "after_seq", "view")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     after_seq: int
-    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+    view: JobView
+    def __init__(self, job_id: _Optional[str] = ..., after_seq: _Optional[int] = ..., view: _Optional[_Union[JobView, str]] = ...) -> None: ...
 
 class WatchJobResponse(_message.Message):
     __slots__ = ("event", "job")

@@ -64,27 +64,39 @@ class JobServiceServicer:
     """
 
     def GetJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The job, in full (resolved_config included).
+        Errors: INVALID_ARGUMENT (job_id empty), NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Jobs newest first, in full, a page at a time.
+        Errors: INVALID_ARGUMENT (page_size < 0, a page_token not from the same filters).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchJob(self, request, context):
-        """Replays stored events with seq > after_seq, then tails live ones until the job ends.
-        Closing the stream never stops the job.
+        """Replays stored events with seq > after_seq, then tails live ones until the job ends
+        (the stream then closes with OK after the terminal state change). Closing the
+        stream, or its deadline passing, never stops the job: watch again from the last seq.
+        Errors: INVALID_ARGUMENT (job_id empty, after_seq < 0), NOT_FOUND (before any event).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Cancels a PENDING or RUNNING job: CANCELLED is recorded at once, then the worker's
+        process group is terminated (its partial output is not a result). Idempotent: a job
+        already CANCELLED is returned unchanged. Response metadata "x-mlxu-cancel" says
+        "cancelled" (this call cancelled it) or "already-cancelled".
+        Errors: INVALID_ARGUMENT (job_id empty), NOT_FOUND, FAILED_PRECONDITION (the job
+        already SUCCEEDED or FAILED).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class DistillationServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Starts distillation jobs (Job.kind "distill"). Errors follow the model in common.proto.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,10 +43,19 @@ class DistillationServiceStub:
 
 
 class DistillationServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Starts distillation jobs (Job.kind "distill"). Errors follow the model in common.proto.
+    """
 
     def StartDistillation(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Validates the spec (every field, the teachers' and student's config and tokenizer
+        files, and with routing every dataset row) and creates a job, or returns the existing
+        job for the same request_id. Returns at once; follow it with JobService.WatchJob.
+        Errors: INVALID_ARGUMENT with a field violation per problem (e.g.
+        "spec.teachers[1].weight", "spec.student_init.num_layers", a teacher whose tokenizer
+        differs from the student's, "spec.dataset.path" for a row no teacher's route_value
+        matches); FAILED_PRECONDITION (request_id already used for a different request);
+        RESOURCE_EXHAUSTED (RATE_LIMITED).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -67,7 +77,8 @@ def add_DistillationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DistillationService:
-    """Missing associated documentation comment in .proto file."""
+    """Starts distillation jobs (Job.kind "distill"). Errors follow the model in common.proto.
+    """
 
     @staticmethod
     def StartDistillation(request,

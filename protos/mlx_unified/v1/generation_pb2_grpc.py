@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class GenerationServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Sampling and scoring with any model or checkpoint. Calls are admitted first come
+    first served: `MLXU_GENERATE_CONCURRENCY` run at once (default 1), `MLXU_GENERATE_QUEUE`
+    may wait (default 8). A call stops at its deadline, when its client cancels, or after
+    `MLXU_GENERATE_MAX_SECONDS` (default 300) when it set no deadline.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,10 +51,18 @@ class GenerationServiceStub:
 
 
 class GenerationServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Sampling and scoring with any model or checkpoint. Calls are admitted first come
+    first served: `MLXU_GENERATE_CONCURRENCY` run at once (default 1), `MLXU_GENERATE_QUEUE`
+    may wait (default 8). A call stops at its deadline, when its client cancels, or after
+    `MLXU_GENERATE_MAX_SECONDS` (default 300) when it set no deadline.
+    """
 
     def Generate(self, request, context):
-        """Streams the completion as it is sampled, one chunk per token (or group of tokens).
+        """Streams the completion as it is sampled, one chunk per token.
+        Errors: INVALID_ARGUMENT (model, empty prompt or chat, sampling out of range, a
+        prompt over `MLXU_GENERATE_MAX_PROMPT_TOKENS`, default 8192, or a chat the template
+        rejects); RESOURCE_EXHAUSTED (GENERATE_QUEUE_FULL, RATE_LIMITED; with RetryInfo);
+        DEADLINE_EXCEEDED (the deadline or the service's time cap).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,6 +70,9 @@ class GenerationServiceServicer:
 
     def ScoreCompletions(self, request, context):
         """Log-probabilities of given completions under a model (scoring, reference policies).
+        Errors: INVALID_ARGUMENT (no items, more than `MLXU_SCORE_MAX_ITEMS` (256), an
+        empty prompt or completion, an item over the prompt-token limit); otherwise as
+        Generate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,7 +100,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GenerationService:
-    """Missing associated documentation comment in .proto file."""
+    """Sampling and scoring with any model or checkpoint. Calls are admitted first come
+    first served: `MLXU_GENERATE_CONCURRENCY` run at once (default 1), `MLXU_GENERATE_QUEUE`
+    may wait (default 8). A call stops at its deadline, when its client cancels, or after
+    `MLXU_GENERATE_MAX_SECONDS` (default 300) when it set no deadline.
+    """
 
     @staticmethod
     def Generate(request,

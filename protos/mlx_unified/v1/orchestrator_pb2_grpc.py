@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class OrchestratorServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Pipelines (validated, resolved stage lists), runs of them, and templates. A run drives
+    its stages one after another on the trainer services (`MLXU_<SERVICE>_ADDR`) and
+    survives restarts of any process. Errors follow the model in common.proto.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -92,71 +95,109 @@ class OrchestratorServiceStub:
 
 
 class OrchestratorServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Pipelines (validated, resolved stage lists), runs of them, and templates. A run drives
+    its stages one after another on the trainer services (`MLXU_<SERVICE>_ADDR`) and
+    survives restarts of any process. Errors follow the model in common.proto.
+    """
 
     def CreatePipeline(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Validates the whole pipeline (stage names, kinds, bindings, datasets, every stage
+        spec through its trainer's own checks, auto_configure) and stores it, or returns the
+        pipeline already stored for the same request_id. Nothing is stored when it fails.
+        Errors: INVALID_ARGUMENT with a field violation per problem under "spec."
+        ("spec.stages[1].inputs[0].from_stage", "spec.stages[0].sft.loop.batch_size", ...);
+        FAILED_PRECONDITION (a stage's service is not configured or does not answer its
+        health check; request_id already used for a different spec).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPipeline(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One pipeline. Errors: INVALID_ARGUMENT (pipeline_id empty), NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListPipelines(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Pipelines newest first, a page at a time.
+        Errors: INVALID_ARGUMENT (page_size < 0, a page_token not from this list).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTemplates(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The built-in templates: chatbot, efficient_llm, aligned_model, research.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreatePipelineFromTemplate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A template's PipelineSpec with this request's fields and `overrides` applied, then
+        created as CreatePipeline does.
+        Errors: INVALID_ARGUMENT ("template" unknown, "overrides.<path>" for an unknown
+        field or a wrong type, then everything CreatePipeline checks); FAILED_PRECONDITION
+        as CreatePipeline.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RunPipeline(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Starts a run of a stored pipeline (or returns the run of the same request_id).
+        Returns at once; follow it with WatchRun.
+        Errors: INVALID_ARGUMENT (pipeline_id empty), NOT_FOUND, FAILED_PRECONDITION
+        (request_id already used for a run of another pipeline).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRun(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One run with its stages. Errors: INVALID_ARGUMENT (run_id empty), NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Runs newest first, a page at a time.
+        Errors: INVALID_ARGUMENT (page_size < 0, a page_token not from this list).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchRun(self, request, context):
-        """Replays stored run events with seq > after_seq, then tails live ones.
+        """Replays stored run events with seq > after_seq, then tails live ones; the stream
+        closes with OK after the run ends. Closing it never affects the run.
+        Errors: INVALID_ARGUMENT (run_id empty, after_seq < 0), NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelRun(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Cancels a run: its running stage's job is cancelled and the remaining stages end
+        CANCELLED. Idempotent. Response metadata "x-mlxu-cancel" says "cancelled",
+        "cancelling" (not yet confirmed by the stage's service; the run will end CANCELLED)
+        or "already-cancelled".
+        Errors: INVALID_ARGUMENT (run_id empty), NOT_FOUND, FAILED_PRECONDITION (the run
+        already SUCCEEDED or FAILED, or did so before the cancel took effect).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartTraining(self, request, context):
-        """Direct training: a one-stage run of the given stage.
+        """Direct training: a one-stage run of the given stage (an uncached pipeline named
+        "train-<stage name>" whose base model is the stage's own model).
+        Errors: INVALID_ARGUMENT (field violations under "stage.", e.g.
+        "stage.sft.loop.batch_size"); FAILED_PRECONDITION (the stage's service is not
+        configured or not answering; request_id already used for a run of another pipeline).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,7 +270,10 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class OrchestratorService:
-    """Missing associated documentation comment in .proto file."""
+    """Pipelines (validated, resolved stage lists), runs of them, and templates. A run drives
+    its stages one after another on the trainer services (`MLXU_<SERVICE>_ADDR`) and
+    survives restarts of any process. Errors follow the model in common.proto.
+    """
 
     @staticmethod
     def CreatePipeline(request,

@@ -26,7 +26,14 @@ if _version_not_supported:
 
 
 class RLHFServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Starts RLHF jobs and scores with reward models. Every Start* validates the spec with
+    the trainer's own config class (the code the worker runs) and every dataset row, then
+    creates a job, or returns the existing job for the same request_id; it returns at once
+    (follow the job with JobService.WatchJob). Start* errors: INVALID_ARGUMENT with a field
+    violation per problem ("spec.beta", "spec.reward", "spec.dataset.path" with the bad
+    row, ...); FAILED_PRECONDITION (request_id already used for a different request; a
+    registered model that cannot be built); RESOURCE_EXHAUSTED (RATE_LIMITED).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,34 +69,50 @@ class RLHFServiceStub:
 
 
 class RLHFServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Starts RLHF jobs and scores with reward models. Every Start* validates the spec with
+    the trainer's own config class (the code the worker runs) and every dataset row, then
+    creates a job, or returns the existing job for the same request_id; it returns at once
+    (follow the job with JobService.WatchJob). Start* errors: INVALID_ARGUMENT with a field
+    violation per problem ("spec.beta", "spec.reward", "spec.dataset.path" with the bad
+    row, ...); FAILED_PRECONDITION (request_id already used for a different request; a
+    registered model that cannot be built); RESOURCE_EXHAUSTED (RATE_LIMITED).
+    """
 
     def StartRewardModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A reward model (Job.kind "reward_model"): a scalar value head on the model, trained
+        with the Bradley-Terry loss on preference pairs. Its result is the checkpoint that
+        RewardSource.reward_model and Score take.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartDPO(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Direct preference optimisation (Job.kind "dpo") against a frozen reference.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartPPO(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """PPO with a value head and a KL penalty to the reference (Job.kind "ppo").
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartGRPO(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """GRPO: group-relative advantages, no value head (Job.kind "grpo").
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Score(self, request, context):
         """Scores (prompt, completion) pairs with a reward-model checkpoint.
+        Errors: INVALID_ARGUMENT (no items, more than `MLXU_SCORE_MAX_ITEMS` (256), an item
+        with neither prompt nor completion, a path that is not a reward checkpoint);
+        RESOURCE_EXHAUSTED (RATE_LIMITED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -132,7 +155,14 @@ def add_RLHFServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RLHFService:
-    """Missing associated documentation comment in .proto file."""
+    """Starts RLHF jobs and scores with reward models. Every Start* validates the spec with
+    the trainer's own config class (the code the worker runs) and every dataset row, then
+    creates a job, or returns the existing job for the same request_id; it returns at once
+    (follow the job with JobService.WatchJob). Start* errors: INVALID_ARGUMENT with a field
+    violation per problem ("spec.beta", "spec.reward", "spec.dataset.path" with the bad
+    row, ...); FAILED_PRECONDITION (request_id already used for a different request; a
+    registered model that cannot be built); RESOURCE_EXHAUSTED (RATE_LIMITED).
+    """
 
     @staticmethod
     def StartRewardModel(request,

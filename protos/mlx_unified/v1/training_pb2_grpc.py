@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TrainingServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Starts SFT and export jobs. Errors follow the model in common.proto.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,18 +48,27 @@ class TrainingServiceStub:
 
 
 class TrainingServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Starts SFT and export jobs. Errors follow the model in common.proto.
+    """
 
     def StartSFT(self, request, context):
-        """Validates the spec and creates a job (or returns the existing job for the same
-        request_id). Returns at once; follow the job with JobService.WatchJob.
+        """Validates the spec (every field, and every file and dataset row it names) and
+        creates a job, or returns the existing job for the same request_id. Returns at once;
+        follow the job with JobService.WatchJob.
+        Errors: INVALID_ARGUMENT with a field violation per problem ("spec.model.model",
+        "spec.dataset.path" with the bad row, "spec.loop.batch_size", an output_name that
+        another unfinished or successful job owns, ...); FAILED_PRECONDITION (request_id
+        already used for a different request; a registered model that cannot be built);
+        RESOURCE_EXHAUSTED (RATE_LIMITED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartExport(self, request, context):
-        """Fuses an adapter into its base, or (de)quantises a model, as a job.
+        """Fuses an adapter into its base, or (de)quantises a model, as a job (kind "export").
+        Errors: as StartSFT. A model that is already quantised (QUANTIZE) or not quantised
+        (DEQUANTIZE) is found when the job loads it: the job FAILS with the reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,7 +96,8 @@ def add_TrainingServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TrainingService:
-    """Missing associated documentation comment in .proto file."""
+    """Starts SFT and export jobs. Errors follow the model in common.proto.
+    """
 
     @staticmethod
     def StartSFT(request,

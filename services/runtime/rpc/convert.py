@@ -43,9 +43,12 @@ def checkpoint(d: dict[str, Any] | None) -> common_pb2.Checkpoint | None:
     )
 
 
-def job(r: JobRecord) -> common_pb2.Job:
-    cfg = struct_pb2.Struct()
-    cfg.update(r.config)
+def job(r: JobRecord, *, full: bool = True) -> common_pb2.Job:
+    """The Job proto of a record; ``full=False`` is JOB_VIEW_BASIC (no resolved_config)."""
+    cfg = None
+    if full:
+        cfg = struct_pb2.Struct()
+        cfg.update(r.config)
     return common_pb2.Job(
         job_id=r.job_id,
         kind=r.kind,

@@ -149,10 +149,16 @@ class JobServicer(common_pb2_grpc.JobServiceServicer):
         if request.after_seq < 0:
             raise InvalidArgument.one("after_seq", "must be >= 0")
         await asyncio.to_thread(self.host.store.get, request.job_id)  # NOT_FOUND up front
+        # Events carry the BASIC view unless FULL is asked for: the resolved config is
+        # kilobytes that never change, and GetJob returns it.
+        full = request.view == common_pb2.JOB_VIEW_FULL
+        snap, seen = None, None
         async for ev, job in follow(
             self.host.store, request.job_id, request.after_seq, poll_s=self.poll_s
         ):
-            yield common_pb2.WatchJobResponse(event=convert.event(ev), job=convert.job(job))
+            if job is not seen:  # one snapshot per poll, however many events it read
+                snap, seen = convert.job(job, full=full), job
+            yield common_pb2.WatchJobResponse(event=convert.event(ev), job=snap)
 
     async def CancelJob(
         self, request: common_pb2.CancelJobRequest, context: aio.ServicerContext

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.runtime import blas, logs
 from services.runtime.rpc.auth import ApiKeyInterceptor
+from services.runtime.rpc.health import HealthServicer
 from services.runtime.rpc.status import ErrorInterceptor
 from services.runtime.settings import Settings
 
@@ -129,7 +130,7 @@ async def start(settings: Settings, register: Registrar | None = None) -> Runnin
     register = register or load_registrar(settings.service)
     handle = await register(server, settings)
 
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()  # grpcio's, plus the List method it lacks
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*handle.names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)

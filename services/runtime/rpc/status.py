@@ -10,6 +10,7 @@ valid key), so servicers just raise services.runtime.errors.*:
   finite numbers, string / list / nesting sizes) -> INVALID_ARGUMENT with field violations;
 - a full disk -> RESOURCE_EXHAUSTED, a busy or unreadable database -> UNAVAILABLE, each with
   a google.rpc.ErrorInfo reason;
+- a method the servicer does not implement (the generated base raised) -> UNIMPLEMENTED;
 - anything else unexpected -> INTERNAL with an incident id (the traceback goes to the log).
 
 Messages and details are bounded (``MAX_MESSAGE`` characters, ``MAX_VIOLATIONS``), so a huge
@@ -47,6 +48,8 @@ MAX_FIELD = 256
 MAX_DESCRIPTION = 512
 MAX_VIOLATIONS = 32
 DOMAIN = "mlxu"
+# What grpcio-tools' generated base servicers raise for a method nobody implemented.
+GENERATED_UNIMPLEMENTED = "Method not implemented!"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -101,6 +104,12 @@ def to_status(exc: BaseException) -> grpc.Status:
     for cls, (_, code) in _CODES.items():
         if isinstance(exc, cls):
             return _answer(exc, code)  # type: ignore[arg-type]
+    if isinstance(exc, NotImplementedError) and str(exc) == GENERATED_UNIMPLEMENTED:
+        # A method the servicer does not override (the generated base raised): the answer
+        # gRPC itself gives for it, not a server fault.
+        return rpc_status.to_status(
+            status_pb2.Status(code=code_pb2.UNIMPLEMENTED, message="method not implemented")
+        )
     incident = uuid.uuid4().hex[:12]
     logs.get().error("internal_error", incident=incident, exc_info=exc)
     return rpc_status.to_status(
