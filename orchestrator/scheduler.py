@@ -22,116 +22,49 @@ One asyncio task drives each unfinished run, stage by stage:
 Cancel propagates to the running job and ends the run CANCELLED. ``recover()`` at startup
 drives every unfinished run again: RUNNING stages reattach to their job from the last
 relayed seq; a stage recorded but never acknowledged re-sends its start (same key).
+
+This module sequences runs (one task each); steps 3-5 for one stage are stages.py's
+StageDriver, steps 1-2 are stage_inputs.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
-import os
-from collections.abc import AsyncIterator, Callable, Collection
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Collection
+from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mlx_unified.v1 import common_pb2 as cpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
 from orchestrator import pipeline, templates
 from orchestrator.autoconfig import Environment
-from orchestrator.store import STAGE_DONE, Attempt, Store
-from services.runtime import logs
-from services.runtime.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-    Violation,
+from orchestrator.stage_inputs import cache_key, handoff, stat_fingerprint
+from orchestrator.stages import (
+    JOB_TERMINAL,
+    RetryPolicy,
+    RunCtx,
+    SchedulerConfig,
+    StageBackend,
+    StageDriver,
 )
+from orchestrator.store import STAGE_DONE, Store
+from services.runtime import logs
+from services.runtime.errors import FailedPrecondition, InvalidArgument, Violation
 
-RS, SS, JS = opb.RunState, opb.StageState, cpb.JobState
-JOB_TERMINAL = {JS.JOB_STATE_SUCCEEDED, JS.JOB_STATE_FAILED, JS.JOB_STATE_CANCELLED}
+# Names that live in stages.py / stage_inputs.py; the server, tests and tools import them here.
+__all__ = [
+    "JOB_TERMINAL",
+    "RetryPolicy",
+    "Scheduler",
+    "SchedulerConfig",
+    "StageBackend",
+    "handoff",
+    "stat_fingerprint",
+]
 
-
-class StageBackend(Protocol):
-    """How the scheduler reaches the trainer services (the server implements it with gRPC).
-
-    ``stage_kind`` is the stage's kind name ("sft", "export", "distill", "reward_model",
-    "dpo", "ppo", "grpo"): it selects the service and Start RPC, and after a restart it is
-    the only way to know which service holds a job id. Errors must be translated into
-    services.runtime.errors: Unavailable (retried), NotFound (job gone), InvalidArgument /
-    FailedPrecondition (the service rejected the spec; never retried).
-    """
-
-    async def start(self, stage_kind: str, spec: Message, idempotency_key: str) -> str: ...
-
-    async def get(self, stage_kind: str, job_id: str) -> cpb.Job: ...
-
-    def watch(
-        self, stage_kind: str, job_id: str, after_seq: int
-    ) -> AsyncIterator[tuple[cpb.JobEvent, cpb.Job]]: ...
-
-    async def cancel(self, stage_kind: str, job_id: str, reason: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_tries: int = 6
-    initial_delay: float = 0.5
-    max_delay: float = 10.0
-    multiplier: float = 2.0
-
-    def delay(self, failures: int) -> float:
-        return min(self.max_delay, self.initial_delay * self.multiplier ** (failures - 1))
-
-
-def stat_fingerprint(path: str) -> str:
-    """Cheap content fingerprint of a local file or directory ("" for non-paths)."""
-    if not path or not os.path.exists(path):
-        return ""
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    h, seen = hashlib.sha256(), 0
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        seen += len(files)
-        if seen > 10_000:  # not a model or dataset directory: don't walk a whole tree
-            return "large-dir"
-        for name in sorted(files):
-            st = os.stat(os.path.join(root, name))
-            h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{st.st_size}:".encode())
-            h.update(str(st.st_mtime_ns).encode())
-    return h.hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    retry: RetryPolicy = RetryPolicy()
-    max_restarts: int = 2  # new attempts for jobs the service lost
-    cancel_grace: float = 60.0  # wait for the job to confirm a cancel
-    cancel_wait: float = 10.0  # how long cancel_run waits for the run to end
-    fingerprint: Callable[[str], str] = stat_fingerprint
-    exists: Callable[[str], bool] = os.path.exists
-
-
-class _StageFailed(Exception):
-    pass
-
-
-class _CancelledBeforeStart(Exception):
-    pass
-
-
-@dataclass
-class _Ctx:
-    run_id: str
-    cache: bool
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str = ""
+RS, SS = opb.RunState, opb.StageState
 
 
 class Scheduler:
@@ -147,7 +80,8 @@ class Scheduler:
         self.store, self.backend, self.env, self.config = store, backend, env, config
         self.services = frozenset(services)
         self._tasks: dict[str, asyncio.Task] = {}
-        self._ctx: dict[str, _Ctx] = {}
+        self._ctx: dict[str, RunCtx] = {}
+        self._driver = StageDriver(self)
 
     # ---- pipelines -------------------------------------------------------------------
 
@@ -241,7 +175,7 @@ class Scheduler:
     def _spawn(self, run_id: str) -> asyncio.Task:
         run = self.store.get_run(run_id)
         plan = pipeline.Plan.from_json(self.store.resolved(run.pipeline_id))
-        ctx = self._ctx.setdefault(run_id, _Ctx(run_id, plan.cache))
+        ctx = self._ctx.setdefault(run_id, RunCtx(run_id, plan.cache))
         if reason := self.store.cancel_reason(run_id):
             ctx.reason = reason
             ctx.cancelled.set()
@@ -258,7 +192,7 @@ class Scheduler:
 
     # ---- driving ---------------------------------------------------------------------
 
-    async def _drive(self, ctx: _Ctx, plan: pipeline.Plan) -> None:
+    async def _drive(self, ctx: RunCtx, plan: pipeline.Plan) -> None:
         rid = ctx.run_id
         try:
             to, reason, result = await self._stages(ctx, plan)
@@ -275,7 +209,7 @@ class Scheduler:
             except Exception:
                 logs.get(run_id=rid).exception("run_failure_not_recorded")
 
-    async def _stages(self, ctx: _Ctx, plan: pipeline.Plan) -> tuple[int, str, Any]:
+    async def _stages(self, ctx: RunCtx, plan: pipeline.Plan) -> tuple[int, str, Any]:
         """Run the stages still to do; returns how the run ends (state, reason, result)."""
         rid = ctx.run_id
         run = self.store.get_run(rid)
@@ -302,210 +236,11 @@ class Scheduler:
             results[sp.name] = row.result
         return RS.RUN_STATE_SUCCEEDED, "all stages done", results[plan.stages[-1].name]
 
-    async def _run_stage(self, ctx: _Ctx, sp: pipeline.StagePlan, results: dict) -> int:
-        rid, name, svc = ctx.run_id, sp.name, sp.info.service
-        att = self.store.latest_attempt(rid, name)
-        if att is None:
-            spec, inputs = handoff(sp, results)
-            key = self.cache_key(sp, spec, inputs)
-            hit = self.store.find_cached(key, exclude_run=rid) if ctx.cache else None
-            if hit is not None and self.config.exists(hit.result.path):
-                self.store.set_stage_state(
-                    rid, name, SS.STAGE_STATE_SKIPPED,
-                    f"same inputs and config as {hit.ref}: reusing {hit.result.path}",
-                    result=hit.result, cached_from=hit.ref, cache_key=key,
-                )  # fmt: skip
-                return SS.STAGE_STATE_SKIPPED
-            _runtime_fields(spec, rid, sp, inputs)
-            att = self.store.begin_attempt(
-                rid, name, spec=pipeline.to_json(spec), inputs=inputs, cache_key=key
-            )
-        while True:
-            try:
-                if not att.job_id:
-                    job_id = await self._start(ctx, sp, att)
-                    why = f"attempt {att.number}: job {job_id} on {svc}"
-                    self.store.record_job(rid, name, att.number, job_id, why)
-                    logs.get(run_id=rid, stage=name).info(
-                        "stage_started", job_id=job_id, attempt=att.number
-                    )
-                    att = self.store.attempt(rid, name, att.number)
-                job = await self._follow_or_cancel(ctx, sp, att)
-            except _StageFailed as e:
-                self.store.set_stage_state(rid, name, SS.STAGE_STATE_FAILED, str(e), error=str(e))
-                return SS.STAGE_STATE_FAILED
-            except _CancelledBeforeStart:
-                why = f"{ctx.reason} (before the job started)"
-                self.store.set_stage_state(rid, name, SS.STAGE_STATE_CANCELLED, why)
-                return SS.STAGE_STATE_CANCELLED
-            if job is not None:
-                return self._finish(ctx, sp, job)
-            # The service no longer knows the job: start a new one on the same output.
-            if ctx.cancelled.is_set():
-                why = f"job {att.job_id} is gone; {ctx.reason}"
-                self.store.set_stage_state(rid, name, SS.STAGE_STATE_CANCELLED, why)
-                return SS.STAGE_STATE_CANCELLED
-            if att.number > self.config.max_restarts:
-                why = f"{svc} lost job {att.job_id} (attempt {att.number}); giving up"
-                self.store.set_stage_state(rid, name, SS.STAGE_STATE_FAILED, why, error=why)
-                return SS.STAGE_STATE_FAILED
-            why = (
-                f"{svc} no longer knows job {att.job_id}: attempt {att.number + 1} resumes from "
-                f"the latest checkpoint in output {att.spec.get('output_name', '')!r}"
-            )
-            att = self.store.begin_attempt(
-                rid, name, spec=att.spec, inputs=att.inputs, restart_reason=why
-            )
-
-    async def _start(self, ctx: _Ctx, sp: pipeline.StagePlan, att: Attempt) -> str:
-        msg = json_format.ParseDict(att.spec, sp.info.message())
-        policy, svc = self.config.retry, sp.info.service
-        for n in range(1, policy.max_tries + 1):
-            if ctx.cancelled.is_set():
-                raise _CancelledBeforeStart
-            try:
-                return await self.backend.start(sp.info.name, msg, att.idempotency_key)
-            except Unavailable as e:
-                err = e
-                if n < policy.max_tries:
-                    logs.get(run_id=ctx.run_id, stage=sp.name).warning(
-                        "service_unavailable", service=svc, tries=n, error=str(e)
-                    )
-                    await _pause(ctx, policy.delay(n))
-            except Exception as e:  # rejected spec or unexpected: retrying cannot help
-                raise _StageFailed(f"{svc} rejected the {sp.info.name} stage: {e}") from e
-        raise _StageFailed(f"{svc} service unavailable after {policy.max_tries} tries: {err}")
-
-    async def _follow_or_cancel(
-        self, ctx: _Ctx, sp: pipeline.StagePlan, att: Attempt
-    ) -> cpb.Job | None:
-        follow = asyncio.create_task(self._follow(ctx, sp, att))
-        cancel = asyncio.create_task(ctx.cancelled.wait())
-        try:
-            await asyncio.wait({follow, cancel}, return_when=asyncio.FIRST_COMPLETED)
-            if not follow.done():
-                try:
-                    await self.backend.cancel(sp.info.name, att.job_id, ctx.reason)
-                except NotFound:
-                    return None
-                except Exception as e:
-                    logs.get(run_id=ctx.run_id, job_id=att.job_id).warning(
-                        "job_cancel_failed", error=str(e)
-                    )
-                await asyncio.wait({follow}, timeout=self.config.cancel_grace)
-                if not follow.done():
-                    return cpb.Job(
-                        job_id=att.job_id,
-                        state=JS.JOB_STATE_CANCELLED,
-                        error=f"{sp.info.service} did not confirm the cancel; the job may "
-                        "still be running",
-                    )
-            return follow.result()
-        finally:
-            follow.cancel()
-            cancel.cancel()
-
-    async def _follow(self, ctx: _Ctx, sp: pipeline.StagePlan, att: Attempt) -> cpb.Job | None:
-        """Relay the job's events until it ends; None when the service lost the job."""
-        kind, after, failures = sp.info.name, att.last_job_seq, 0
-        while True:
-            seen = after
-            try:
-                async for ev, job in self.backend.watch(kind, att.job_id, after):
-                    failures = 0
-                    self.store.relay(ctx.run_id, sp.name, att.number, ev, job)
-                    after = max(after, ev.seq)
-                    # ``job`` is the job as it is now, not as of ``ev`` (a replay of a
-                    # finished job carries the final snapshot on every event): only the
-                    # terminal state change, always the job's last event, ends the relay.
-                    if ev.WhichOneof("payload") == "state_change" and (
-                        ev.state_change.to_state in JOB_TERMINAL
-                    ):
-                        return job
-                job = await self.backend.get(kind, att.job_id)
-                if after == seen:  # the stream closed with nothing new
-                    if job.state in JOB_TERMINAL:
-                        return job
-                    await asyncio.sleep(self.config.retry.initial_delay)  # don't spin
-            except NotFound:
-                return None
-            except Unavailable as e:
-                failures += 1
-                if failures >= self.config.retry.max_tries:
-                    raise _StageFailed(
-                        f"lost contact with {sp.info.service} while following job {att.job_id}: {e}"
-                    ) from e
-                await asyncio.sleep(self.config.retry.delay(failures))
-
-    def _finish(self, ctx: _Ctx, sp: pipeline.StagePlan, job: cpb.Job) -> int:
-        rid, name = ctx.run_id, sp.name
-        if job.state == JS.JOB_STATE_SUCCEEDED and job.result.path:
-            why = f"job {job.job_id} succeeded: {job.result.path}"
-            self.store.set_stage_state(
-                rid, name, SS.STAGE_STATE_SUCCEEDED, why, result=job.result, job=job
-            )
-            return SS.STAGE_STATE_SUCCEEDED
-        if job.state == JS.JOB_STATE_CANCELLED:
-            why = ctx.reason if ctx.cancelled.is_set() else f"job {job.job_id} was cancelled"
-            why += f" ({job.error})" if job.error else ""
-            self.store.set_stage_state(
-                rid, name, SS.STAGE_STATE_CANCELLED, why, error=job.error, job=job
-            )
-            return SS.STAGE_STATE_CANCELLED
-        if job.state == JS.JOB_STATE_SUCCEEDED:
-            why = f"job {job.job_id} succeeded without a result checkpoint"
-        else:
-            why = f"job {job.job_id} failed: {job.error or 'no reason given'}"
-        self.store.set_stage_state(rid, name, SS.STAGE_STATE_FAILED, why, error=why, job=job)
-        return SS.STAGE_STATE_FAILED
+    async def _run_stage(self, ctx: RunCtx, sp: pipeline.StagePlan, results: dict) -> int:
+        return await self._driver.run(ctx, sp, results)
 
     def cache_key(self, sp: pipeline.StagePlan, spec: Message, inputs: dict[str, Any]) -> str:
-        body = pipeline.to_json(spec)
-        local = sorted({s for s in _strings(body) if os.path.isabs(s) or s.startswith(".")})
-        payload = {
-            "kind": sp.info.name,
-            "spec": body,
-            "inputs": {k: [v["path"], v["sha256"]] for k, v in sorted(inputs.items())},
-            "content": {p: self.config.fingerprint(p) for p in local},
-        }
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-
-def handoff(sp: pipeline.StagePlan, results: dict[str, cpb.Checkpoint]) -> tuple[Message, dict]:
-    """The stage spec with each bound input set to its source stage's result checkpoint."""
-    spec = sp.message()
-    inputs: dict[str, Any] = {}
-    for b in sp.bindings:
-        ckpt = results[b.from_stage]
-        pipeline.ref_at(spec, b.target, create=True).CopyFrom(pipeline.ref_for(ckpt))
-        inputs[b.input] = {"from_stage": b.from_stage, "path": ckpt.path, "sha256": ckpt.sha256}
-    return spec, inputs
-
-
-def _runtime_fields(spec: Any, run_id: str, sp: pipeline.StagePlan, inputs: dict) -> None:
-    """Per-run fields, outside the cache key: output directory and provenance labels."""
-    if not spec.output_name:
-        spec.output_name = f"{run_id}-{sp.name}"
-    spec.labels["mlxu.run_id"] = run_id
-    spec.labels["mlxu.stage"] = sp.name
-    for name, inp in inputs.items():
-        spec.labels[f"mlxu.input.{name}.path"] = inp["path"]
-        spec.labels[f"mlxu.input.{name}.sha256"] = inp["sha256"]
-
-
-def _strings(node: Any) -> list[str]:
-    if isinstance(node, dict):
-        return [s for v in node.values() for s in _strings(v)]
-    if isinstance(node, list):
-        return [s for v in node for s in _strings(v)]
-    return [node] if isinstance(node, str) else []
-
-
-async def _pause(ctx: _Ctx, seconds: float) -> None:
-    """Sleep, but wake at once on cancel."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(ctx.cancelled.wait(), seconds)
+        return cache_key(sp, spec, inputs, self.config.fingerprint)
 
 
 def _stage_field(v: Violation, info: pipeline.KindInfo | None) -> Violation:

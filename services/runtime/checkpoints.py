@@ -8,7 +8,7 @@ Layout of a job's output dir::
         adapter_config.json              ... naming "base_model"
         model.safetensors, config.json,  ... or a full mlx-lm model dir with tokenizer files
         tokenizer.json, ...
-        trainer_state/                   exact-resume state (written by services.runtime.loop)
+        trainer_state/                   exact-resume state (services.runtime.trainer_state)
           optimizer.safetensors
           state.json
         manifest.json                    written last: a dir without it is incomplete

@@ -22,12 +22,14 @@ model (via ``artifact.write``) and the trainer state (optimizer, step, data posi
 state) are saved atomically; a job restarted with ``ctx.resume_from`` continues exactly
 where that checkpoint left off. Dropout keys derive from (seed, step), so resumed runs draw
 the same randomness as uninterrupted ones.
+
+Around it: the config sections trainers share are in ``loop_settings``, the trainer-state
+files and their restore in ``trainer_state`` (PPO / GRPO use them too), gradient
+checkpointing in ``grad_checkpoint``; this module re-exports what trainers import.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,136 +41,52 @@ from typing import Any, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
-from services.runtime import checkpoints
+from services.runtime import checkpoints, trainer_state
 from services.runtime.contract import CheckpointInfo, Interrupted, JobContext, Report
-from services.runtime.errors import FailedPrecondition, Violations
-from services.runtime.optim import (
-    DictConfig,
-    OptimizerSettings,
-    build_optimizer,
-    learning_rate,
-    zero_default,
+from services.runtime.grad_checkpoint import enable_grad_checkpoint
+from services.runtime.loop_settings import (
+    DTYPES,
+    DatasetSettings,
+    LoopSettings,
+    ModelSettings,
+    ResourcesSettings,
+    default_dtype,
+    sub,
+    total_steps,
 )
+from services.runtime.optim import OptimizerSettings, build_optimizer, learning_rate
+from services.runtime.trainer_state import Stateful
+
+# The trainer-state helpers' names from before they became services.runtime.trainer_state,
+# kept so code written against them keeps working.
+_Progress = trainer_state.Progress
+_write_trainer_state = trainer_state.write_trainer_state
+_restore = trainer_state.restore
+_assign = trainer_state._assign
 
 __all__ = [
+    "DTYPES",
     "Artifact",
+    "BatchStream",
+    "DatasetSettings",
     "LoopSettings",
+    "ModelSettings",
     "NonFiniteLoss",
     "OptimizerSettings",
+    "ResourcesSettings",
+    "Stateful",
     "TrainResult",
     "default_dtype",
     "enable_grad_checkpoint",
     "evaluate",
+    "sub",
     "total_steps",
     "train",
 ]
 
 LossFn = Callable[[nn.Module, dict[str, mx.array]], tuple[mx.array, mx.array, dict]]
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def default_dtype() -> str:
-    """float32 on the CPU (bf16 is far slower there), bfloat16 on a GPU."""
-    from services.runtime.models import compute_dtype
-
-    return compute_dtype()
-
-
-def sub(cls: type) -> Any:
-    """A nested settings field whose default is the resolved default instance."""
-    return field(default_factory=lambda: cls().resolve())
-
-
-@dataclass(frozen=True)
-class ModelSettings(DictConfig):
-    """Mirrors ModelRef; ``model`` is already resolved (a local dir or a hub id)."""
-
-    model: str = ""
-    adapter_path: str = ""
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        v.check(bool(self.model), f"{prefix}.model" if prefix else "model", "is required")
-
-
-@dataclass(frozen=True)
-class DatasetSettings(DictConfig):
-    """Mirrors DatasetRef (passed on to services.runtime.datasets.prepare)."""
-
-    path: str = ""
-    format: str = ""  # "" = detect from row 1
-    valid_path: str = ""
-    valid_fraction: float | None = None  # None = 0.1 when there is no validation file
-
-    def resolve(self) -> DatasetSettings:
-        frac = 0.1 if self.valid_fraction is None else self.valid_fraction
-        return dataclasses.replace(self, format=self.format.lower(), valid_fraction=frac)
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(bool(self.path), f"{p}path", "is required")
-        v.check(0 <= (self.valid_fraction or 0) < 0.5, f"{p}valid_fraction", "in [0, 0.5)")
-
-
-@dataclass(frozen=True)
-class ResourcesSettings(DictConfig):
-    """Mirrors Resources (used by the job runner to launch data-parallel workers)."""
-
-    num_processes: int = zero_default(1)
-    hosts: tuple[str, ...] = ()
-    hostfile: str = ""
-    backend: str = zero_default("ring")
-
-
-@dataclass(frozen=True)
-class LoopSettings(DictConfig):
-    """Mirrors LoopConfig; a zero means the default."""
-
-    batch_size: int = zero_default(4)  # global sequences per optimizer step
-    grad_accumulation_steps: int = zero_default(1)
-    max_steps: int = 0  # 0 = epochs * steps per epoch
-    epochs: int = zero_default(1)
-    max_seq_length: int = zero_default(512)
-    seed: int = 0
-    steps_per_report: int = zero_default(10)
-    steps_per_eval: int = zero_default(100)  # -1 disables validation
-    val_batches: int = zero_default(25)  # -1 = the whole validation set
-    steps_per_checkpoint: int = zero_default(100)  # -1 = only at the end
-    keep_last_checkpoints: int = zero_default(3)  # -1 = keep all
-    grad_checkpoint: bool = False
-    mask_prompt: bool | None = None  # None = by data format (chat / completion: True)
-    dtype: str = zero_default("")  # "" = default_dtype()
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accumulation_steps
-
-    def resolve(self) -> LoopSettings:
-        return dataclasses.replace(self, dtype=self.dtype.lower() or default_dtype())
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.batch_size >= 1, f"{p}batch_size", "must be >= 1")
-        v.check(self.grad_accumulation_steps >= 1, f"{p}grad_accumulation_steps", ">= 1")
-        v.check(
-            self.batch_size % max(self.grad_accumulation_steps, 1) == 0,
-            f"{p}batch_size",
-            "must be a multiple of grad_accumulation_steps (it is the global batch)",
-        )
-        v.check(self.max_steps >= 0, f"{p}max_steps", "must be >= 0")
-        v.check(self.epochs >= 1, f"{p}epochs", "must be >= 1")
-        v.check(8 <= self.max_seq_length <= 1 << 20, f"{p}max_seq_length", "8..1048576")
-        v.check(self.steps_per_report >= 1, f"{p}steps_per_report", "must be >= 1")
-        for key in ("steps_per_eval", "val_batches", "steps_per_checkpoint"):
-            val = getattr(self, key)
-            v.check(val >= 1 or val == -1, f"{p}{key}", "must be >= 1, or -1")
-        v.check(
-            self.keep_last_checkpoints >= 1 or self.keep_last_checkpoints == -1,
-            f"{p}keep_last_checkpoints",
-            "must be >= 1, or -1 (keep all)",
-        )
-        v.check(self.dtype in DTYPES, f"{p}dtype", f"must be one of {DTYPES}")
 
 
 class BatchStream(Protocol):
@@ -177,13 +95,6 @@ class BatchStream(Protocol):
     steps_per_epoch: int
 
     def __iter__(self) -> Iterator[dict]: ...
-    def state(self) -> dict: ...
-    def restore(self, state: dict) -> None: ...
-
-
-class Stateful(Protocol):
-    """Extra trainer state saved with every checkpoint (e.g. an adaptive KL controller)."""
-
     def state(self) -> dict: ...
     def restore(self, state: dict) -> None: ...
 
@@ -209,39 +120,8 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def total_steps(loop: LoopSettings, batches: Any) -> int:
-    if loop.max_steps > 0:
-        return loop.max_steps
-    per_epoch = max(int(getattr(batches, "steps_per_epoch", 0)), 1)
-    return loop.epochs * max(math.ceil(per_epoch / loop.grad_accumulation_steps), 1)
-
-
-_CHECKPOINTED: dict[type, type] = {}
-
-
-def enable_grad_checkpoint(model: nn.Module) -> None:
-    """Recompute each transformer block in the backward pass (less memory, ~30% more compute).
-
-    Swaps each block *instance* to a subclass with a checkpointed ``__call__`` (mlx-lm patches
-    the block class itself, which would leak into every other model in the process)."""
-    for layer in model.layers:
-        cls = type(layer)
-        if cls in _CHECKPOINTED.values():
-            continue
-        if cls not in _CHECKPOINTED:
-            fn = cls.__call__
-
-            def call(self, *args, _fn=fn, **kwargs):
-                def inner(params, *a, **kw):
-                    self.update(params)
-                    return _fn(self, *a, **kw)
-
-                return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-            _CHECKPOINTED[cls] = type(cls.__name__, (cls,), {"__call__": call})
-        layer.__class__ = _CHECKPOINTED[cls]
-
-
+# _arrays and _Step are looked up in this module at call time, never bound elsewhere:
+# bench/parity_common.py swaps them to record every batch a step sees and the initial weights.
 def _arrays(batch: dict) -> dict[str, mx.array]:
     # Python scalars in a compiled call are constants: each new value would retrace the step.
     return {k: v for k, v in batch.items() if isinstance(v, mx.array)}
@@ -363,84 +243,6 @@ def evaluate(
     return total.item() / w if w > 0 else None
 
 
-# ---- trainer state: what exact resume needs beside the model weights ----
-
-
-@dataclass
-class _Progress:
-    step: int = 0
-    tokens: int = 0
-    train_time: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def _write_trainer_state(dst: Path, optimizer, progress: _Progress, batches, extra) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    arrays = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(dst / "optimizer.safetensors"), arrays)
-    state = {
-        "step": progress.step,
-        "tokens": progress.tokens,
-        "train_time": progress.train_time,
-        "metrics": progress.metrics,
-        "batches": batches.state() if hasattr(batches, "state") else None,
-        "extra": extra.state() if extra is not None else None,
-    }
-    (dst / "state.json").write_text(json.dumps(state, indent=2))
-
-
-def _assign(tree: Any, path: str, value: mx.array) -> bool:
-    node = tree
-    keys = path.split(".")
-    for k in keys[:-1]:
-        node = node[int(k)] if isinstance(node, list | tuple) else node.get(k)
-        if node is None:
-            return False
-    last = keys[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    elif isinstance(node, dict) and last in node:
-        node[last] = value
-    else:
-        return False
-    return True
-
-
-def _restore(path: Path, model, optimizer, batches, extra) -> _Progress:
-    checkpoints.verify(path)
-    weights: dict[str, mx.array] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        weights.update(mx.load(str(f)))
-    trainable = dict(tree_flatten(model.trainable_parameters()))
-    bad = [k for k, v in trainable.items() if k not in weights or weights[k].shape != v.shape]
-    if bad:
-        raise FailedPrecondition(
-            f"checkpoint {path} does not match the model ({len(bad)} trainable parameters "
-            f"missing or reshaped, e.g. {bad[0]}); was the job's config changed?"
-        )
-    model.load_weights([(k, weights[k].astype(trainable[k].dtype)) for k in trainable], False)
-
-    ts = path / checkpoints.TRAINER_STATE
-    saved = mx.load(str(ts / "optimizer.safetensors"))
-    current = dict(tree_flatten(optimizer.state))
-    if set(saved) != set(current):
-        raise FailedPrecondition(f"optimizer state in {path} does not match this optimizer")
-    for k, v in saved.items():
-        _assign(optimizer.state, k, v)
-    state = json.loads((ts / "state.json").read_text())
-    if state.get("batches") is not None and hasattr(batches, "restore"):
-        batches.restore(state["batches"])
-    if extra is not None and state.get("extra") is not None:
-        extra.restore(state["extra"])
-    mx.eval(model.parameters(), optimizer.state)
-    return _Progress(
-        step=int(state["step"]),
-        tokens=int(state.get("tokens", 0)),
-        train_time=float(state.get("train_time", 0.0)),
-        metrics=dict(state.get("metrics") or {}),
-    )
-
-
 # ---- the loop ----
 
 
@@ -487,9 +289,10 @@ def train(
     if loop.grad_checkpoint:
         enable_grad_checkpoint(model)
 
-    progress = _Progress()
+    progress = trainer_state.Progress()
     if ctx.resume_from is not None:
-        progress = _restore(Path(ctx.resume_from), model, optimizer, train_batches, extra_state)
+        resume = Path(ctx.resume_from)
+        progress = trainer_state.restore(resume, model, optimizer, train_batches, extra_state)
         ctx.log(f"resumed from {ctx.resume_from} at step {progress.step}")
 
     step_fn = _Step(
@@ -506,7 +309,7 @@ def train(
 
         def write(tmp: Path) -> None:
             artifact.write(tmp)
-            _write_trainer_state(
+            trainer_state.write_trainer_state(
                 tmp / checkpoints.TRAINER_STATE, optimizer, progress, train_batches, extra_state
             )
 

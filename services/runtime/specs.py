@@ -1,7 +1,7 @@
 """Proto specs -> plain config dicts for trainers, plus the range checks every service shares.
 
-The trainers' own config classes (services.runtime.loop / optim / adapters) are the source
-of truth for field rules; the checks here only add bounds on absurd values (a batch of a
+The trainers' own config classes (services.runtime.loop_settings / optim / adapters) are the
+source of truth for field rules; the checks here only add bounds on absurd values (a batch of a
 million, a learning rate of 50) so they are refused at the edge with the proto field name.
 
 Proto3 "zero means default": only fields that are set (non-zero, or present for `optional`)

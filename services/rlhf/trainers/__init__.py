@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.runtime import checkpoints
+from services.runtime import checkpoints, trainer_state
 from services.runtime.contract import CheckpointInfo, Interrupted, Report
-from services.runtime.loop import LoopSettings, _Progress, _restore, _write_trainer_state
+from services.runtime.loop_settings import LoopSettings
+from services.runtime.trainer_state import Progress
 
 TRAINERS = {
     "reward_model": "services.rlhf.trainers.reward_model:run",
@@ -162,22 +163,23 @@ class Checkpointer:
         self.keep = keep
         self.last: CheckpointInfo | None = None
 
-    def restore(self) -> _Progress:
+    def restore(self) -> Progress:
         if self.ctx.resume_from is None:
-            return _Progress()
+            return Progress()
         path = Path(self.ctx.resume_from)
-        progress = _restore(path, self.policy.model, self.optimizer, self.prompts, self.extra)
+        model = self.policy.model
+        progress = trainer_state.restore(path, model, self.optimizer, self.prompts, self.extra)
         self.ctx.log(f"resumed from {path} at step {progress.step}")
         self.last = checkpoints.info(path)
         return progress
 
-    def save(self, progress: _Progress) -> CheckpointInfo | None:
+    def save(self, progress: Progress) -> CheckpointInfo | None:
         if not self.ctx.is_main:
             return None
 
         def write(tmp: Path) -> None:
             write_policy(tmp, self.policy, head_kind=self.head_kind)
-            _write_trainer_state(
+            trainer_state.write_trainer_state(
                 tmp / checkpoints.TRAINER_STATE, self.optimizer, progress, self.prompts, self.extra
             )
 
@@ -194,7 +196,7 @@ class Checkpointer:
         return self.last
 
 
-def outer_loop(ctx, loop: LoopSettings, total: int, progress: _Progress, ckpt, one_step) -> None:
+def outer_loop(ctx, loop: LoopSettings, total: int, progress: Progress, ckpt, one_step) -> None:
     """Steps to ``total``: report every ``steps_per_report``, checkpoint every
     ``steps_per_checkpoint`` and at the end; on ``ctx.should_stop()`` save and stop."""
     window: dict[str, float] = {}
@@ -237,7 +239,7 @@ def outer_loop(ctx, loop: LoopSettings, total: int, progress: _Progress, ckpt, o
             raise Interrupted(f"stopped on request at step {progress.step}")
 
 
-def finish(ctx, ckpt: Checkpointer, progress: _Progress, kind: str) -> CheckpointInfo:
+def finish(ctx, ckpt: Checkpointer, progress: Progress, kind: str) -> CheckpointInfo:
     metrics = {**progress.metrics, "steps": float(progress.step)}
     metrics["train_time_s"] = progress.train_time
     if not ctx.is_main:  # data-parallel ranks > 0: rank 0 publishes

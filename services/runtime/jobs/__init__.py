@@ -40,8 +40,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: ``python -m services.runtime.jobs.worker`` imports this package first, and an
-    # eager runner import (which imports worker) would load the worker module twice.
+    # Lazy: ``python -m services.runtime.jobs.worker`` imports this package first, and the
+    # worker needs nothing of the runner (asyncio, launch planning) on every job start.
     if name in ("JobRunner", "build_command"):
         from services.runtime.jobs import runner
 

@@ -12,7 +12,7 @@ and workers outlive a killed service, which reattaches them by pid on its next s
 
 Data-parallel jobs (``resources.num_processes`` > 1) run under ``mlx.launch``, which exits 0
 whatever its ranks did, so its exit code says nothing. The ranks' status files
-(``<output_dir>/ranks/rank-<r>.json``, see worker.py) and mlx.launch's own "Node with rank
+(``<output_dir>/ranks/rank-<r>.json``, see protocol.py) and mlx.launch's own "Node with rank
 R exited with code C" lines say what happened: a rank that raised fails the job with that
 rank's reason (no retry, as for one process); a rank that died (kill -9, OOM, lost host) is
 a crash, retried from the last checkpoint like a dead one-process worker. When a rank has
@@ -23,259 +23,69 @@ must never hang on a half-dead group.
 
 Store calls are synchronous: each is one short SQLite transaction, and running them on the
 event loop keeps launch/cancel/exit handling free of interleavings.
+
+This module holds the queue and the decisions; the worker's command line is built in
+launch.py, a running worker is observed through watch.py, and what runner and worker agree
+on (exit codes, job spec, status files) is in protocol.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument
-from services.runtime.jobs.store import JobRecord, JobState, JobStore
-from services.runtime.jobs.worker import (
+from services.runtime.errors import FailedPrecondition
+from services.runtime.jobs.launch import (
+    LaunchError,
+    build_command,
+    free_port_block,
+    launch_command,
+    num_processes,
+    plan_hostfile,
+)
+from services.runtime.jobs.protocol import (
     EXIT_INTERRUPTED,
-    JOB_SPEC_ENV,
-    RANKS_DIR,
-    JobSpec,
+    WORKER_LOG,
+    WORKER_MODULE,
     latest_complete_checkpoint,
     read_rank_statuses,
 )
-from services.runtime.paths import confine
+from services.runtime.jobs.store import JobRecord, JobState, JobStore
+from services.runtime.jobs.watch import (
+    Worker,
+    describe_exit,
+    describe_ranks,
+    log_tail,
+    pid_runs_job,
+    signal_group,
+)
 from services.runtime.settings import Settings
 
-WORKER_MODULE = "services.runtime.jobs.worker"
-WORKER_LOG = "worker.log"
+# Names callers imported from here before launch.py and watch.py were split out.
+__all__ = [
+    "WORKER_LOG",
+    "WORKER_MODULE",
+    "JobRunner",
+    "LaunchError",
+    "build_command",
+    "describe_ranks",
+    "free_port_block",
+    "num_processes",
+    "pid_runs_job",
+    "plan_hostfile",
+]
+
 _REPO_ROOT = str(Path(__file__).resolve().parents[3])
 
 log = structlog.get_logger()
-
-
-# mlx.launch's module has no __main__ guard. The launcher ignores SIGTERM/SIGUSR1 (the ranks,
-# in its process group, get them too): it must outlive the ranks while they checkpoint, or
-# its exit would make the runner kill the group mid-save. Ranks reset both handlers.
-_MLX_LAUNCH = (
-    "import signal, sys; "
-    "[signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)]; "
-    "from mlx._distributed_utils.launch import main; sys.exit(main())"
-)
-
-
-def num_processes(job: JobRecord) -> int:
-    return max(1, int((job.config.get("resources") or {}).get("num_processes") or 1))
-
-
-def build_command(
-    job: JobRecord,
-    db_path: Path,
-    *,
-    hostfile: str | None = None,
-    port: int | None = None,
-    remote_env: dict[str, str] | None = None,
-) -> list[str]:
-    """argv of the job's worker: one process, or ``resources.num_processes`` through mlx.launch.
-
-    The data-parallel form marks the ranks with MLXU_DISTRIBUTED=1 through ``--env``, which
-    mlx.launch exports on every host. ``hostfile`` (the runner's choice: the job's, trimmed,
-    or the service's) replaces ``resources.hostfile``; ``port`` is a free port block for the
-    ring (or NCCL) rendezvous, so concurrent jobs on one host never collide; ``remote_env``
-    is what ranks on other hosts need (job spec, PYTHONPATH, ...): local ranks inherit the
-    launcher's environment. Note that mlx.launch exits 0 whatever its ranks did.
-    """
-    argv = [sys.executable, "-m", WORKER_MODULE, "--db", str(db_path), "--job", job.job_id]
-    res = job.config.get("resources") or {}
-    n = num_processes(job)
-    if n <= 1:
-        return argv
-    launch = [sys.executable, "-c", _MLX_LAUNCH]
-    hostfile = hostfile or res.get("hostfile")
-    if hostfile:
-        launch += ["--hostfile", str(hostfile)]
-    elif res.get("hosts"):
-        # mlx.launch runs -n processes on each host.
-        hosts = list(res["hosts"])
-        launch += ["--hosts", ",".join(hosts), "-n", str(max(1, n // len(hosts)))]
-    else:
-        launch += ["-n", str(n)]
-    backend = str(res.get("backend") or "").lower()
-    if backend and backend != "unspecified":
-        launch += ["--backend", backend]
-    if port is not None:  # ring / JACCL listen from --starting-port, NCCL meets at --nccl-port
-        launch += ["--starting-port", str(port), "--nccl-port", str(port)]
-    envs = ["--env", "MLXU_DISTRIBUTED=1"]
-    for key, value in (remote_env or {}).items():
-        envs += ["--env", f"{key}={value}"]
-    return [*launch, *envs, "--", *argv]
-
-
-class LaunchError(Exception):
-    """A data-parallel job that cannot be launched as asked (a stated reason, no retry)."""
-
-
-def plan_hostfile(
-    job: JobRecord, default_hostfile: str = "", roots: tuple[Path, ...] = ()
-) -> str | None:
-    """The hostfile a data-parallel job runs with: the job's (confined to ``roots`` when
-    given), else the service's (if any), cut to the job's first ``num_processes`` hosts
-    (written next to its output)."""
-    res = job.config.get("resources") or {}
-    n = num_processes(job)
-    if n <= 1:
-        return None
-    hosts = list(res.get("hosts") or [])
-    if hosts:
-        if n % len(hosts):
-            raise LaunchError(
-                f"{n} processes cannot be spread evenly over {len(hosts)} hosts "
-                "(mlx.launch runs the same number on each)"
-            )
-        return None
-    path = str(res.get("hostfile") or default_hostfile or "")
-    if not path:
-        return None
-    if res.get("hostfile") and roots:
-        try:
-            path = str(confine(path, roots, "spec.resources.hostfile"))
-        except InvalidArgument as exc:
-            raise LaunchError(str(exc)) from exc
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise LaunchError(f"cannot read the hostfile {path}: {exc}") from exc
-    entries = data.get("hosts", []) if isinstance(data, dict) else data
-    if len(entries) < n:
-        raise LaunchError(f"the hostfile {path} lists {len(entries)} hosts; the job asks for {n}")
-    if len(entries) == n:
-        return path
-    # One rank per host entry: keep the first n (and each host's RDMA devices to them).
-    keep = [{**h, "rdma": list(h["rdma"])[:n]} if h.get("rdma") else h for h in entries[:n]]
-    out = {**data, "hosts": keep} if isinstance(data, dict) else keep
-    dst = Path(job.output_dir) / "hostfile.json"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(out, indent=2))
-    return str(dst)
-
-
-def free_port_block(n: int, tries: int = 50) -> int:
-    """A port p with p .. p+n-1 all free on this host (ring ranks listen on one each)."""
-    for _ in range(tries):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("0.0.0.0", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise OSError(f"no block of {n} free ports found")
-
-
-_NODE_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was (killed))")
-
-
-def describe_ranks(
-    statuses: dict[int, dict], world: int, launcher_log: str = "", killed: str = ""
-) -> tuple[str, str | None]:
-    """(what happened to a data-parallel group, reason to fail without retry or None).
-
-    ``statuses`` are the ranks' status files of this attempt; ``launcher_log`` the worker.log
-    text of this attempt, where mlx.launch reports each rank's exit code; ``killed`` what
-    the runner did to ranks still running when it killed the group, if it did.
-    """
-    codes: dict[int, str] = {}
-    for m in _NODE_EXIT.finditer(launcher_log):
-        codes[int(m.group(1))] = "killed" if m.group(3) else m.group(2)
-    errors = sorted(
-        (s.get("time", 0.0), r, s.get("reason") or "error")
-        for r, s in statuses.items()
-        if s.get("state") == "exited" and s.get("kind") == "error"
-    )
-    if errors:
-        _, rank, reason = errors[0]
-        return f"rank {rank} of {world} failed", f"rank {rank} of {world} failed: {reason}"
-    exited = {r: s for r, s in statuses.items() if s.get("state") == "exited"}
-    if len(exited) == world and all(s.get("code") == EXIT_INTERRUPTED for s in exited.values()):
-        return "interrupted", None
-    died, lost, stuck = [], [], []
-    for r in range(world):
-        s = statuses.get(r)
-        code = codes.get(r)
-        if s is not None and s.get("state") == "exited":
-            if s.get("kind") == "peer_lost":
-                lost.append(str(r))
-            continue
-        if code is None and s is not None and killed:
-            stuck.append(str(r))
-            continue
-        if code is None:
-            how = "died without reporting an exit (killed, out of memory, or its host lost)"
-            if s is None:
-                how = "never reported (it did not start, or it died at once)"
-        elif code == "killed":
-            how = "was killed by mlx.launch"
-        else:
-            how = _describe_exit(int(code)).replace("worker exited", "exited")
-        died.append(f"rank {r} {how}")
-    parts = died
-    if lost:
-        parts.append(f"rank(s) {', '.join(lost)} lost their peers")
-    if stuck:
-        parts.append(f"rank(s) {', '.join(stuck)} {killed}")
-    return "; ".join(parts) or "all ranks exited, but the job did not finish", None
-
-
-def pid_runs_job(pid: int, job_id: str) -> bool:
-    """True when pid is alive and is a worker of job_id (not a reused pid, not a zombie)."""
-    try:
-        if sys.platform.startswith("linux"):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            args = [a.decode(errors="replace") for a in cmdline]
-        else:
-            out = subprocess.run(
-                ["ps", "-p", str(pid), "-o", "command="], capture_output=True, text=True
-            )
-            args = out.stdout.split()
-    except OSError:
-        return False
-    return job_id in args and any(WORKER_MODULE in a for a in args)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "worker exited (status unknown: it was reattached after a service restart)"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = "?"
-        return f"worker exited with signal {-code} ({name})"
-    return f"worker exited with code {code}"
 
 
 def _resume_note(job: JobRecord) -> str:
@@ -286,42 +96,6 @@ def _resume_note(job: JobRecord) -> str:
     m = re.search(r"(\d+)$", ckpt.name)
     where = f"step {int(m.group(1))}" if m else ckpt.name
     return f"resuming from checkpoint {where}"
-
-
-def _log_tail(path: Path, lines: int = 20, max_chars: int = 4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])[-max_chars:]
-
-
-@dataclass
-class _Worker:
-    pid: int  # also the process group id (start_new_session)
-    log_path: Path
-    popen: subprocess.Popen | None = None  # None when reattached after a restart
-    task: asyncio.Task | None = None
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    # Data-parallel jobs: ranks, attempt (whose status files count), where this attempt's
-    # lines start in worker.log, and why the runner killed the group (if it did).
-    world: int = 1
-    output_dir: Path | None = None
-    attempt: int = 0
-    log_offset: int = 0
-    scanned: int = 0  # how far the watchdog has read worker.log for mlx.launch's lines
-    dead: str = ""  # the first rank death the watchdog saw
-    note: str = ""
-
-    def exit_status(self, job_id: str) -> tuple[bool, int | None]:
-        """(alive, exit code); the code of a reattached worker is unknowable (None)."""
-        if self.popen is not None:
-            code = self.popen.poll()
-            return code is None, code
-        return pid_runs_job(self.pid, job_id), None
 
 
 class JobRunner:
@@ -350,7 +124,7 @@ class JobRunner:
         # The service's hostfile (mlx.launch format) for jobs that name no hosts.
         self.hostfile = getattr(settings, "hostfile", "") or os.environ.get("MLXU_HOSTFILE", "")
         self._queue: deque[str] = deque()
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, Worker] = {}
         self._shutting_down = False
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task] = set()  # strong refs: the loop keeps weak ones
@@ -387,7 +161,7 @@ class JobRunner:
             worker = self._workers.get(job_id)
             if worker is None and job.worker_pid and pid_runs_job(job.worker_pid, job_id):
                 # Running but not ours to watch (recover() not called yet): stop it anyway.
-                worker = _Worker(job.worker_pid, Path(job.output_dir) / WORKER_LOG)
+                worker = Worker(job.worker_pid, Path(job.output_dir) / WORKER_LOG)
             if worker is not None:
                 task = asyncio.get_running_loop().create_task(self._terminate(job_id, worker))
                 self._background.add(task)
@@ -425,14 +199,14 @@ class JobRunner:
         self._queue.clear()
         workers = dict(self._workers)
         for worker in workers.values():
-            _signal_group(worker.pid, signal.SIGUSR1)
+            signal_group(worker.pid, signal.SIGUSR1)
         waits = [asyncio.create_task(w.exited.wait()) for w in workers.values()]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=grace_s)
             for job_id, worker in workers.items():
                 if not worker.exited.is_set():
                     log.warning("worker_killed_at_shutdown", job_id=job_id, pid=worker.pid)
-                    _signal_group(worker.pid, signal.SIGKILL)
+                    signal_group(worker.pid, signal.SIGKILL)
             if pending:
                 await asyncio.wait(pending, timeout=max(5.0, 10 * self.poll_s))
 
@@ -472,9 +246,9 @@ class JobRunner:
             except Exception:  # one bad job must not stop the queue
                 log.exception("launch_failed", job_id=job_id)
 
-    def _worker_for(self, job: JobRecord, pid: int, popen=None) -> _Worker:
+    def _worker_for(self, job: JobRecord, pid: int, popen=None) -> Worker:
         log_path = Path(job.output_dir) / WORKER_LOG
-        return _Worker(
+        return Worker(
             pid,
             log_path,
             popen,
@@ -531,39 +305,14 @@ class JobRunner:
         self._watch(job_id, worker)
 
     def _command(self, job: JobRecord, env: dict[str, str]) -> list[str]:
-        """argv for the job; for a data-parallel job also fills ``env`` (job spec, threads)."""
-        n = num_processes(job)
-        if n <= 1:
-            return build_command(job, self.store.db_path)
-        res = job.config.get("resources") or {}
-        hostfile = plan_hostfile(job, self.hostfile, self.settings.allowed_roots)
-        # Statuses of an earlier attempt must not speak for this one.
-        for f in (Path(job.output_dir) / RANKS_DIR).glob("rank-*.json"):
-            f.unlink(missing_ok=True)
-        spec = JobSpec.of(job, latest_complete_checkpoint(Path(job.output_dir)))
-        env[JOB_SPEC_ENV] = spec.to_json()
-        multi_host = bool(hostfile or res.get("hosts"))
-        remote = None
-        if multi_host:
-            # ssh starts remote ranks with a bare environment: send what they need.
-            keys = (JOB_SPEC_ENV, "MLXU_HOME", "PYTHONPATH", "PYTHONUNBUFFERED")
-            remote = {k: env[k] for k in keys}
-        else:
-            # n ranks share this host's cores: each gets its own slice of them (the worker
-            # pins itself) and a BLAS thread pool of that size, not n oversubscribed pools.
-            env["MLXU_LOCAL_RANKS"] = str(n)
-            env.setdefault("OPENBLAS_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-        # Unset backend: mlx.launch picks NCCL where CUDA is available, else the ring.
-        port = None if multi_host else free_port_block(n)
-        return build_command(
-            job, self.store.db_path, hostfile=hostfile, port=port, remote_env=remote
-        )
+        roots = self.settings.allowed_roots
+        return launch_command(job, self.store.db_path, env, self.hostfile, roots)
 
-    def _watch(self, job_id: str, worker: _Worker) -> None:
+    def _watch(self, job_id: str, worker: Worker) -> None:
         self._workers[job_id] = worker
         worker.task = asyncio.get_running_loop().create_task(self._monitor(job_id, worker))
 
-    async def _monitor(self, job_id: str, worker: _Worker) -> None:
+    async def _monitor(self, job_id: str, worker: Worker) -> None:
         loop = asyncio.get_running_loop()
         rank_check, rank_dead_since = 0.0, 0.0
         while True:
@@ -573,7 +322,7 @@ class JobRunner:
             if worker.world > 1 and loop.time() >= rank_check:
                 rank_check = loop.time() + max(0.5, self.poll_s)
                 if not worker.dead:
-                    worker.dead = self._dead_rank(job_id, worker) or ""
+                    worker.dead = worker.dead_rank(job_id) or ""
                     rank_dead_since = loop.time()
                 elif loop.time() - rank_dead_since > self.rank_grace_s and not worker.note:
                     worker.note = (
@@ -581,10 +330,10 @@ class JobRunner:
                         "rank), killed by the service"
                     )
                     log.warning("rank_group_killed", job_id=job_id, why=worker.dead)
-                    _signal_group(worker.pid, signal.SIGKILL)
+                    signal_group(worker.pid, signal.SIGKILL)
             await asyncio.sleep(self.poll_s)
         # Ranks of an mlx.launch group may outlive their launcher: the group goes too.
-        _signal_group(worker.pid, signal.SIGKILL)
+        signal_group(worker.pid, signal.SIGKILL)
         del self._workers[job_id]
         try:
             self._after_exit(job_id, code, worker)
@@ -594,33 +343,7 @@ class JobRunner:
         self._pump()
         await self._notify()
 
-    def _dead_rank(self, job_id: str, worker: _Worker) -> str | None:
-        """A rank of this attempt that failed or vanished, or None: from mlx.launch's exit
-        lines (any host), the ranks' status files and this host's rank pids."""
-        assert worker.output_dir is not None
-        try:
-            with open(worker.log_path, "rb") as f:
-                f.seek(worker.log_offset + worker.scanned)
-                text = f.read(1 << 20).decode(errors="replace")
-        except OSError:
-            text = ""
-        # Only whole lines: a half-written one is read again next time.
-        text = text[: text.rfind("\n") + 1]
-        worker.scanned += len(text.encode())
-        for m in _NODE_EXIT.finditer(text):
-            code = m.group(2)
-            if m.group(3) or int(code) not in (0, EXIT_INTERRUPTED):
-                return f"mlx.launch saw rank {m.group(1)} exit ({m.group(3) or code})"
-        host = socket.gethostname()
-        for r, s in read_rank_statuses(worker.output_dir, worker.attempt).items():
-            if s.get("state") == "exited" and s.get("code") not in (0, EXIT_INTERRUPTED):
-                return f"rank {r} exited with code {s.get('code')}"
-            mine = s.get("state") == "running" and s.get("host") == host
-            if mine and not pid_runs_job(int(s.get("pid", 0)), job_id):
-                return f"rank {r} (pid {s.get('pid')}) died"
-        return None
-
-    def _after_exit(self, job_id: str, code: int | None, worker: _Worker) -> None:
+    def _after_exit(self, job_id: str, code: int | None, worker: Worker) -> None:
         job = self.store.get(job_id)
         log.info("worker_exited", job_id=job_id, code=code, state=job.state.value)
         if job.state is not JobState.RUNNING:
@@ -630,16 +353,14 @@ class JobRunner:
             note = f"service shutting down; {_resume_note(job)}"
             self.store.transition(job_id, JobState.PENDING, note, expect=running)
             return
-        what = "interrupted" if code == EXIT_INTERRUPTED else _describe_exit(code)
+        what = "interrupted" if code == EXIT_INTERRUPTED else describe_exit(code)
         if worker.world > 1 and worker.output_dir is not None:
             statuses = read_rank_statuses(worker.output_dir, worker.attempt)
-            what, fatal = describe_ranks(
-                statuses, worker.world, self._attempt_log(worker), worker.note
-            )
+            what, fatal = describe_ranks(statuses, worker.world, worker.attempt_log(), worker.note)
             if not statuses and code is not None and code > 0:  # e.g. a bad hostfile
-                fatal = f"mlx.launch failed ({_describe_exit(code)}) before any rank started"
+                fatal = f"mlx.launch failed ({describe_exit(code)}) before any rank started"
             if fatal is not None:
-                tail = _log_tail(worker.log_path)
+                tail = log_tail(worker.log_path)
                 reason = fatal + (f"; last lines of {worker.log_path}:\n{tail}" if tail else "")
                 self.store.transition(job_id, JobState.FAILED, reason, expect=running)
                 return
@@ -649,22 +370,13 @@ class JobRunner:
                 self._queue.append(job_id)
             return
         reason = f"{what} (attempt {job.attempts} of {self.settings.max_attempts})"
-        tail = _log_tail(worker.log_path)
+        tail = log_tail(worker.log_path)
         if tail:
             reason += f"; last lines of {worker.log_path}:\n{tail}"
         self.store.transition(job_id, JobState.FAILED, reason, expect=running)
 
-    @staticmethod
-    def _attempt_log(worker: _Worker) -> str:
-        try:
-            with open(worker.log_path, "rb") as f:
-                f.seek(worker.log_offset)
-                return f.read(4 << 20).decode(errors="replace")
-        except OSError:
-            return ""
-
-    async def _terminate(self, job_id: str, worker: _Worker) -> None:
-        _signal_group(worker.pid, signal.SIGTERM)
+    async def _terminate(self, job_id: str, worker: Worker) -> None:
+        signal_group(worker.pid, signal.SIGTERM)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.kill_grace_s
         while loop.time() < deadline:
@@ -672,4 +384,4 @@ class JobRunner:
                 return
             await asyncio.sleep(self.poll_s)
         log.warning("worker_killed", job_id=job_id, pid=worker.pid)
-        _signal_group(worker.pid, signal.SIGKILL)
+        signal_group(worker.pid, signal.SIGKILL)

@@ -6,13 +6,14 @@ process and any number of workers can write concurrently: SQLite serialises the 
 job (``jobs.last_seq + 1`` inside the write transaction), and no event is appended after the
 terminal state event, so a reader that has seen a terminal job and every ``seq <= last_seq``
 has seen everything (see ``follow``).
+
+This module is the queries; the schema, connections and row conversions are in db.py and
+the states and records in records.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import json
@@ -20,162 +21,38 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterable
-from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, storage_error
+from services.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.runtime.jobs import db
+from services.runtime.jobs.db import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from services.runtime.jobs.records import (
+    EVENT_TYPES,
+    TERMINAL,
+    TRANSITIONS,
+    EventRecord,
+    JobRecord,
+    JobState,
+    new_job_id,
+)
 
-
-class JobState(StrEnum):
-    PENDING = "PENDING"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-
-TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-# RUNNING -> PENDING requeues a job whose worker stopped (interrupt, crash, service restart):
-# the next worker resumes from the newest checkpoint.
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
-    JobState.RUNNING: frozenset(
-        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.PENDING}
-    ),
-    JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
-}
-
-EVENT_TYPES = frozenset({"state", "progress", "checkpoint", "log"})
-MAX_PAGE_SIZE = 500
-DEFAULT_PAGE_SIZE = 50
-
-# Columns callers may set through transition(**fields), update() and append_event(job_updates).
-_JSON_FIELDS = {"metrics", "latest_checkpoint", "result"}
-_PLAIN_FIELDS = {
-    "step",
-    "total_steps",
-    "eta_seconds",
-    "error",
-    "worker_pid",
-    "start_time",
-    "end_time",
-}
-_UPDATABLE = _JSON_FIELDS | _PLAIN_FIELDS
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    entry TEXT NOT NULL,
-    state TEXT NOT NULL,
-    request_id TEXT UNIQUE,
-    config_json TEXT NOT NULL,
-    output_dir TEXT NOT NULL,
-    labels_json TEXT NOT NULL DEFAULT '{}',
-    create_time REAL NOT NULL,
-    start_time REAL,
-    end_time REAL,
-    step INTEGER NOT NULL DEFAULT 0,
-    total_steps INTEGER NOT NULL DEFAULT 0,
-    metrics_json TEXT NOT NULL DEFAULT '{}',
-    latest_checkpoint_json TEXT,
-    result_json TEXT,
-    error TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker_pid INTEGER,
-    eta_seconds REAL NOT NULL DEFAULT 0,
-    last_seq INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS events (
-    job_id TEXT NOT NULL REFERENCES jobs(job_id),
-    seq INTEGER NOT NULL,
-    time REAL NOT NULL,
-    type TEXT NOT NULL CHECK (type IN ('state', 'progress', 'checkpoint', 'log')),
-    payload_json TEXT NOT NULL,
-    PRIMARY KEY (job_id, seq)
-) WITHOUT ROWID;
-"""
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    job_id: str
-    kind: str
-    entry: str
-    state: JobState
-    request_id: str | None
-    config: dict[str, Any]
-    output_dir: str
-    labels: dict[str, str]
-    create_time: float
-    start_time: float | None
-    end_time: float | None
-    step: int
-    total_steps: int
-    metrics: dict[str, float]
-    latest_checkpoint: dict[str, Any] | None
-    result: dict[str, Any] | None
-    error: str
-    attempts: int
-    worker_pid: int | None
-    eta_seconds: float
-    last_seq: int
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    job_id: str
-    seq: int
-    time: float
-    type: str
-    payload: dict[str, Any]
-
-
-def new_job_id() -> str:
-    return f"job-{uuid.uuid4().hex[:16]}"
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def _load(raw: str | None) -> Any:
-    return None if raw is None else json.loads(raw)
-
-
-def _record(row: sqlite3.Row) -> JobRecord:
-    cols = dict(zip(row.keys(), row, strict=True))
-    cols.pop("_rowid", None)
-    for name in ("config", "labels", "metrics", "latest_checkpoint", "result"):
-        cols[name] = _load(cols.pop(f"{name}_json"))
-    cols["state"] = JobState(cols["state"])
-    return JobRecord(**cols)
-
-
-def _columns(fields: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(fields) - _UPDATABLE
-    if unknown:
-        raise TypeError(f"not updatable job fields: {sorted(unknown)}")
-    out = {}
-    for name, value in fields.items():
-        if name in _JSON_FIELDS:
-            out[f"{name}_json"] = None if value is None else _canonical(value)
-        else:
-            out[name] = value
-    return out
+# The job model lives in records.py and the SQLite side in db.py; callers import the model
+# from here as well.
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "EVENT_TYPES",
+    "MAX_PAGE_SIZE",
+    "TERMINAL",
+    "TRANSITIONS",
+    "EventRecord",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "follow",
+    "new_job_id",
+]
 
 
 class JobStore:
@@ -192,7 +69,7 @@ class JobStore:
         conn.execute("PRAGMA journal_mode=WAL")
         # executescript() would COMMIT first: run the statements inside our own transaction.
         with self._tx() as tx:
-            for stmt in filter(str.strip, _SCHEMA.split(";")):
+            for stmt in filter(str.strip, db.SCHEMA.split(";")):
                 tx.execute(stmt)
 
     # -- connections and transactions -------------------------------------------------------
@@ -202,40 +79,12 @@ class JobStore:
         # A connection must never cross a fork: reopen in the child.
         if cached is not None and cached[0] == os.getpid():
             return cached[1]
-        conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout_s, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_s * 1000)}")
-        # NORMAL is durable across process crashes in WAL mode; only power loss can drop
-        # the last commits.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
+        conn = db.connect(self.db_path, self._busy_timeout_s)
         self._local.conn = (os.getpid(), conn)
         return conn
 
-    @contextmanager
-    def _tx(self):
-        conn = self._conn()
-        try:
-            # IMMEDIATE takes the write lock up front, so read-then-write (seq, state checks)
-            # cannot interleave with another writer.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT (a full disk) leaves the transaction open; SQLite may also
-                # have rolled it back itself already.
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            # A full disk or an unreadable database is an answer (RESOURCE_EXHAUSTED /
-            # UNAVAILABLE with the reason), not an internal error.
-            mapped = storage_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return db.transaction(self._conn())
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread's store is dropped)."""
@@ -265,7 +114,7 @@ class JobStore:
         if ":" not in entry:
             raise ValueError(f"entry must be 'module:function', got {entry!r}")
         request_id = request_id or None
-        config_json = _canonical(config)
+        config_json = db.canonical(config)
         now = time.time()
         with self._tx() as tx:
             if request_id is not None:
@@ -278,7 +127,7 @@ class JobStore:
                             f"request_id {request_id!r} was used for a different request "
                             f"(job {row['job_id']}); use a new request_id"
                         )
-                    return _record(row), False
+                    return db.record(row), False
             job_id = job_id or new_job_id()
             tx.execute(
                 "INSERT INTO jobs (job_id, kind, entry, state, request_id, config_json,"
@@ -291,16 +140,16 @@ class JobStore:
                     request_id,
                     config_json,
                     str(output_dir),
-                    _canonical(labels or {}),
+                    db.canonical(labels or {}),
                     now,
                 ),
             )
             payload = {"from": None, "to": JobState.PENDING.value, "reason": "created"}
             self._insert_event(tx, job_id, 0, "state", payload, now)
-            return _record(self._row(tx, job_id)), True
+            return db.record(self._row(tx, job_id)), True
 
     def get(self, job_id: str) -> JobRecord:
-        return _record(self._row(self._conn(), job_id))
+        return db.record(self._row(self._conn(), job_id))
 
     def by_output_dir(self, output_dir: str) -> list[JobRecord]:
         """Jobs that wrote (or write) into ``output_dir``, newest first."""
@@ -312,7 +161,7 @@ class JobStore:
             )
             .fetchall()
         )
-        return [_record(r) for r in rows]
+        return [db.record(r) for r in rows]
 
     def by_request_id(self, request_id: str) -> JobRecord | None:
         """The job an earlier create() with this request_id made, if any."""
@@ -323,7 +172,7 @@ class JobStore:
             .execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,))
             .fetchone()
         )
-        return None if row is None else _record(row)
+        return None if row is None else db.record(row)
 
     def list(
         self,
@@ -341,11 +190,11 @@ class JobStore:
             raise InvalidArgument.one("page_size", "must be >= 0")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         # The token is bound to the filters: reusing it with other filters would skip jobs.
-        filters = hashlib.sha256(_canonical([states, kind]).encode()).hexdigest()[:12]
+        filters = hashlib.sha256(db.canonical([states, kind]).encode()).hexdigest()[:12]
         where, args = [], []
         if page_token:
             where.append("rowid < ?")
-            args.append(_decode_token(page_token, filters))
+            args.append(db.decode_token(page_token, filters))
         if states:
             where.append(f"state IN ({','.join('?' * len(states))})")
             args.extend(states)
@@ -357,8 +206,8 @@ class JobStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY rowid DESC LIMIT ?"
         rows = self._conn().execute(sql, (*args, size + 1)).fetchall()
-        token = _encode_token(rows[size - 1]["_rowid"], filters) if len(rows) > size else ""
-        return [_record(r) for r in rows[:size]], token
+        token = db.encode_token(rows[size - 1]["_rowid"], filters) if len(rows) > size else ""
+        return [db.record(r) for r in rows[:size]], token
 
     def job_ids(self, states: Iterable[str]) -> list[str]:
         """Ids of jobs in ``states``, oldest first (the runner's recovery order)."""
@@ -399,7 +248,7 @@ class JobStore:
                 raise FailedPrecondition(
                     f"job {job_id} is {current.value}; it cannot become {to.value}"
                 )
-            cols = _columns(fields)
+            cols = db.columns(fields)
             cols["state"] = to.value
             if to is JobState.RUNNING:
                 cols["attempts"] = row["attempts"] + 1
@@ -415,14 +264,14 @@ class JobStore:
             self._update(tx, job_id, cols)
             payload = {"from": current.value, "to": to.value, "reason": reason}
             self._insert_event(tx, job_id, row["last_seq"], "state", payload, now)
-            return _record(self._row(tx, job_id))
+            return db.record(self._row(tx, job_id))
 
     def update(self, job_id: str, **fields: Any) -> JobRecord:
         """Set job fields without a state change or event (e.g. the worker's pid)."""
         with self._tx() as tx:
             self._row(tx, job_id)
-            self._update(tx, job_id, _columns(fields))
-            return _record(self._row(tx, job_id))
+            self._update(tx, job_id, db.columns(fields))
+            return db.record(self._row(tx, job_id))
 
     # -- events ------------------------------------------------------------------------------
 
@@ -446,7 +295,7 @@ class JobStore:
             if JobState(row["state"]) in TERMINAL:
                 return None
             if job_updates:
-                self._update(tx, job_id, _columns(job_updates))
+                self._update(tx, job_id, db.columns(job_updates))
             return self._insert_event(tx, job_id, row["last_seq"], type, payload, time.time())
 
     def events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[EventRecord]:
@@ -460,10 +309,7 @@ class JobStore:
         )
         if not rows:
             self.get(job_id)  # NotFound for an unknown job rather than an empty list
-        return [
-            EventRecord(r["job_id"], r["seq"], r["time"], r["type"], json.loads(r["payload_json"]))
-            for r in rows
-        ]
+        return [db.event(r) for r in rows]
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -496,23 +342,6 @@ class JobStore:
         )
         conn.execute("UPDATE jobs SET last_seq = ? WHERE job_id = ?", (seq, job_id))
         return seq
-
-
-def _encode_token(rowid: int, filters: str) -> str:
-    return base64.urlsafe_b64encode(f"v1:{rowid}:{filters}".encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str, filters: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        version, rowid, token_filters = raw.split(":")
-        if version != "v1" or token_filters != filters:
-            raise ValueError(raw)
-        return int(rowid)
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise InvalidArgument.one(
-            "page_token", "is not a token returned by an earlier call with the same filters"
-        ) from None
 
 
 async def follow(

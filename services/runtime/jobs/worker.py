@@ -17,6 +17,7 @@ the final state, and so must run on the service's host. Every rank also writes
 whatever its ranks did, so that file is how the runner tells a finished group from a rank
 that died (crash: requeue) or raised (the job fails with that rank's reason). A rank whose
 collective failed because another rank vanished reports ``peer_lost``, never a job failure.
+The exit codes, environment variables and files shared with the runner are in protocol.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import re
 import shutil
@@ -34,7 +34,6 @@ import sqlite3
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,46 +41,24 @@ import structlog
 
 from services.runtime import logs
 from services.runtime.contract import CheckpointInfo, Interrupted, JobContext, Report, TrainerFn
+from services.runtime.jobs.protocol import (
+    DISTRIBUTED_ENV,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    JOB_SPEC_ENV,
+    LOCAL_RANKS_ENV,
+    JobSpec,
+    latest_complete_checkpoint,
+    write_rank_status,
+)
 from services.runtime.jobs.store import JobState, JobStore
 from services.runtime.settings import Settings
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again later, from the checkpoint
-
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"step_(\d+)$")
-JOB_SPEC_ENV = "MLXU_JOB_SPEC"
-RANKS_DIR = "ranks"
 # What a collective raises when another rank of the group is gone (ring, JACCL, MPI, NCCL).
 _PEER_LOST = re.compile(r"\[(ring|jaccl|mpi|nccl)\]|NCCL|connection to a peer", re.IGNORECASE)
 
 log = structlog.get_logger()
-
-
-def latest_complete_checkpoint(output_dir: Path) -> Path | None:
-    """Newest dir under output_dir/checkpoints holding a manifest.json.
-
-    The manifest is written last, so a dir without one is an interrupted save. Hidden and
-    ``*.tmp`` dirs are in-progress atomic saves (temp dir + rename) and never count.
-    """
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = [
-        d
-        for d in root.iterdir()
-        if d.is_dir()
-        and not d.name.startswith(".")
-        and not d.name.endswith(".tmp")
-        and (d / MANIFEST).is_file()
-    ]
-
-    def order(d: Path) -> tuple[int, float]:
-        m = _STEP_DIR.search(d.name)
-        return (int(m.group(1)) if m else -1, d.stat().st_mtime)
-
-    return max(done, key=order, default=None)
 
 
 def checkpoint_payload(info: CheckpointInfo, job_id: str) -> dict[str, Any]:
@@ -96,61 +73,6 @@ def checkpoint_payload(info: CheckpointInfo, job_id: str) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in info.metrics.items()},
         "create_time": time.time(),
     }
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What every rank of a job needs to run it, without the job database."""
-
-    job_id: str
-    entry: str
-    config: dict
-    output_dir: str
-    attempts: int
-    resume_from: str | None
-
-    @classmethod
-    def of(cls, job: Any, resume_from: Path | None) -> JobSpec:
-        path = str(resume_from) if resume_from is not None else None
-        return cls(job.job_id, job.entry, job.config, job.output_dir, job.attempts, path)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str) -> JobSpec:
-        return cls(**json.loads(raw))
-
-
-def rank_status_path(output_dir: Path, rank: int) -> Path:
-    return Path(output_dir) / RANKS_DIR / f"rank-{rank}.json"
-
-
-def write_rank_status(output_dir: Path, rank: int, attempt: int, **fields: Any) -> None:
-    """Atomically (re)write this rank's status file; never raises (it is diagnostics)."""
-    path = rank_status_path(output_dir, rank)
-    data = {"rank": rank, "attempt": attempt, "pid": os.getpid(), "host": socket.gethostname()}
-    data.update(fields, time=time.time())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("rank_status_not_written", error=str(exc))
-
-
-def read_rank_statuses(output_dir: Path, attempt: int | None = None) -> dict[int, dict]:
-    """rank -> status of the ranks that wrote one (for ``attempt`` only, when given)."""
-    out: dict[int, dict] = {}
-    for f in sorted((Path(output_dir) / RANKS_DIR).glob("rank-*.json")):
-        try:
-            data = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if attempt is None or data.get("attempt") == attempt:
-            out[int(data["rank"])] = data
-    return out
 
 
 def is_peer_lost(exc: BaseException) -> bool:
@@ -224,7 +146,7 @@ def pin_local_rank(rank: int, local_ranks: int) -> list[int] | None:
 
 def _init_distributed() -> Any:
     """The global group when the runner launched this job data-parallel, else None."""
-    if os.environ.get("MLXU_DISTRIBUTED") != "1":
+    if os.environ.get(DISTRIBUTED_ENV) != "1":
         return None
     import mlx.core as mx
 
@@ -300,7 +222,7 @@ def run_job(store: JobStore, job_id: str, stop: StopFlag) -> int:
 def run_rank(db: Path, job_id: str, stop: StopFlag) -> int:
     """One rank of a data-parallel job (MLXU_DISTRIBUTED=1, started by mlx.launch)."""
     rank = int(os.environ.get("MLX_RANK", "0"))
-    local = int(os.environ.get("MLXU_LOCAL_RANKS", "0") or 0)
+    local = int(os.environ.get(LOCAL_RANKS_ENV, "0") or 0)
     if local > 1:  # set by the runner when all ranks run on its host
         pin_local_rank(rank, local)
     raw = os.environ.get(JOB_SPEC_ENV)
@@ -438,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure("worker")
     structlog.contextvars.bind_contextvars(job_id=args.job, pid=os.getpid())
-    if os.environ.get("MLXU_DISTRIBUTED") == "1":
+    if os.environ.get(DISTRIBUTED_ENV) == "1":
         return run_rank(args.db, args.job, stop)
     return run_job(JobStore(args.db), args.job, stop)
 
