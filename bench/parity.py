@@ -19,7 +19,7 @@ from typing import Any
 
 import parity_common as pc
 
-FAMILIES = ("parity_sft", "parity_pref", "parity_rl", "parity_kd")
+FAMILIES = ("parity_sft", "parity_pref", "parity_rl", "parity_kd", "parity_align")
 
 
 def markdown(results: list[dict[str, Any]], args) -> str:

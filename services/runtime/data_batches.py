@@ -49,6 +49,24 @@ class PreferencePair:
     margin: float | None = None
 
 
+@dataclass(frozen=True)
+class UnpairedItem:
+    """A KTO row: prompt + completion as ``seq``, the completion's full token list (to pair
+    with other rows' prompts for the KL estimate) and whether it is desirable."""
+
+    seq: Tokenized
+    completion: tuple[int, ...]
+    label: bool
+
+    def with_completion_of(self, other: UnpairedItem, max_seq_length: int) -> Tokenized:
+        """This row's prompt followed by ``other``'s completion, cut as TRL's collator cuts."""
+        p = self.seq.prompt_len
+        tokens = [*self.seq.tokens[:p], *other.completion]
+        return Tokenized(
+            tokens[:max_seq_length], min(p, max_seq_length), len(tokens) > max_seq_length
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class PromptItem:
     """A rollout prompt: its tokens (generation prompt included) and the raw row."""
@@ -382,6 +400,69 @@ class PreferenceBatches(_Resumable):
             margins = [float(p.margin or 0.0) if p else 0.0 for p in mine]
             batch["margin"] = mx.array(np.asarray(margins, np.float32))
         return batch
+
+
+class UnpairedBatches(_Resumable):
+    """KTO batches over UnpairedItems: the module docstring's layout for the rows themselves,
+    plus ``label`` float32 [b] (1 desirable, 0 undesirable or an empty row) and the KL rows
+    ``kl_inputs`` / ``kl_targets`` / ``kl_loss_mask`` [b, L'] and ``kl_lengths`` [b]: row k's
+    prompt with the completion of the previous real row of the *global* batch (the first
+    takes the last's), TRL KTOTrainer's rotation by one. Built at batching time, the
+    mismatched completions are always the batch's own, whatever the sampling order (TRL
+    builds them once over consecutive rows and so needs sequential sampling).
+    """
+
+    def __init__(
+        self,
+        items: list[UnpairedItem],
+        batch_size: int,
+        *,
+        pad_id: int,
+        max_seq_length: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        sort_chunk: int = 0,
+        limit: int | None = None,
+        field: str = "spec.loop.batch_size",
+    ) -> None:
+        super().__init__(
+            [len(it.seq.tokens) for it in items],
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            sort_chunk=sort_chunk,
+            limit=limit,
+            field=field,
+        )
+        self.items = items
+        self.pad_id = pad_id
+        self.max_seq_length = max_seq_length
+
+    def _collate(self, global_idx: list[int]) -> dict[str, Any]:
+        msl = self.max_seq_length
+        every = [self.items[i] if i >= 0 else None for i in global_idx]
+        real = [k for k, it in enumerate(every) if it is not None]
+        kl: list[Tokenized | None] = [None] * len(every)
+        for n, k in enumerate(real):
+            kl[k] = every[k].with_completion_of(every[real[n - 1]], msl)
+        seqs = [it.seq if it else None for it in every]
+        local = self._sched.local_slice
+        out: dict[str, Any] = {}
+        for prefix, rows in (("", seqs), ("kl_", kl)):
+            longest = max((len(t.tokens) for t in rows if t is not None), default=1)
+            length = bucket_for(min(longest, msl), msl)
+            arrays = _arrays(*_pack(local(rows), length, self.pad_id, msl))
+            if prefix:
+                arrays.pop("ntokens")
+            out.update({prefix + k: v for k, v in arrays.items()})
+        labels = [1.0 if it is not None and it.label else 0.0 for it in local(every)]
+        out["label"] = mx.array(np.asarray(labels, np.float32))
+        out["global_ntokens"] = sum(_targets(t, msl) for t in seqs)
+        return out
 
 
 class PromptBatches(_Resumable):

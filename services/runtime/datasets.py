@@ -6,6 +6,8 @@ Row formats (one per dataset, detected from row 1 unless the caller names it):
     chat        {"messages": [{"role", "content"}, ...], "tools"?: [...]}
     completion  {"prompt": str | messages, "completion": str | messages, "tools"?: [...]}
     preference  {"prompt", "chosen", "rejected": str | messages, "system"?: str, "margin"?: num}
+    unpaired_preference  {"prompt", "completion": str | messages, "label": bool, "system"?: str}
+                (TRL's unpaired preference rows, for KTO: label true = desirable)
     prompt      {"prompt": str | messages, ...anything else is kept for reward functions}
 
 Files are JSONL, a JSON list, or {"examples": [...]}; a directory holds train.jsonl and
@@ -23,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ from services.runtime.data_batches import (
     PromptBatches,
     PromptItem,
     Tokenized,
+    UnpairedBatches,
+    UnpairedItem,
     bucket_for,
     buckets,
 )
@@ -52,6 +56,8 @@ __all__ = [
     "PromptBatches",
     "PromptItem",
     "Tokenized",
+    "UnpairedBatches",
+    "UnpairedItem",
     "bucket_for",
     "buckets",
     "detect_format",
@@ -62,16 +68,18 @@ __all__ = [
     "prepare",
     "split",
     "tokenize_rows",
+    "unpair",
     "validate_rows",
 ]
 
-FORMATS = ("text", "chat", "completion", "preference", "prompt")
+FORMATS = ("text", "chat", "completion", "preference", "prompt", "unpaired_preference")
 _REQUIRED = {
     "text": ("text",),
     "chat": ("messages",),
     "completion": ("prompt", "completion"),
     "preference": ("prompt", "chosen", "rejected"),
     "prompt": ("prompt",),
+    "unpaired_preference": ("prompt", "completion", "label"),
 }
 DEFAULT_VALID_FRACTION = 0.1
 
@@ -187,6 +195,8 @@ def load_dir(
 def _row_format(row: dict[str, Any]) -> str | None:
     if "chosen" in row or "rejected" in row:
         return "preference"
+    if "label" in row and "completion" in row:
+        return "unpaired_preference"
     if "messages" in row:
         return "chat"
     if "prompt" in row and "completion" in row:
@@ -219,7 +229,7 @@ def detect_format(rows: Sequence[dict[str, Any]], field: str) -> str:
             field,
             "row 1: unknown format (keys: "
             f"{keys}); expected 'text', 'messages', 'prompt'+'completion', "
-            "'prompt'+'chosen'+'rejected' or 'prompt'",
+            "'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or 'prompt'",
         )
     for i, row in enumerate(rows[1:], 2):
         other = _row_format(row)
@@ -282,13 +292,21 @@ def _row_problem(row: dict[str, Any], fmt: str) -> str | None:
     if fmt == "chat":
         problem = _messages_problem(row["messages"])
         return f"'messages' must be a list of {{role, content}} ({problem})" if problem else None
-    keys = {"completion": ("prompt", "completion"), "prompt": ("prompt",)}.get(
-        fmt, ("prompt", "chosen", "rejected")
-    )
+    keys = {
+        "completion": ("prompt", "completion"),
+        "prompt": ("prompt",),
+        "unpaired_preference": ("prompt", "completion"),
+    }.get(fmt, ("prompt", "chosen", "rejected"))
     for key in keys:
         problem = _check_turns(row, key)
         if problem:
             return problem
+    if fmt == "unpaired_preference":
+        if not isinstance(row["label"], bool):
+            return f"'label' must be true (desirable) or false, got {json.dumps(row['label'])}"
+        if row.get("system") is not None and not isinstance(row["system"], str):
+            return "'system' must be a string"
+        return None
     if fmt != "preference":
         return None
     if row["chosen"] == row["rejected"]:
@@ -394,8 +412,8 @@ def tokenize_rows(
 ) -> list[Tokenized] | list[PreferencePair] | list[PromptItem]:
     """Tokenize validated rows. Sequences are cut to max_seq_length tokens (prompts for
     rollouts keep their *last* tokens, where the generation prompt is). Preference pairs
-    always mask the prompt; text rows have none to mask; EOS is appended to text rows (as
-    mlx-lm) and to completions when there is no chat template."""
+    and unpaired rows always mask the prompt; text rows have none to mask; EOS is appended
+    to text rows (as mlx-lm) and to completions when there is no chat template."""
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
     eos = tokenizer.eos_token_id
@@ -428,6 +446,11 @@ def tokenize_rows(
                         None if m is None else float(m),
                     )
                 )
+            elif fmt == "unpaired_preference":
+                kw = {"system": row.get("system"), "tools": row.get("tools")}
+                tokens, p = _render_pair(tokenizer, row["prompt"], row["completion"], **kw)
+                seq = _cut(tokens, p, max_seq_length)
+                out.append(UnpairedItem(seq, tuple(tokens[p:]), row["label"]))
             elif fmt == "prompt":
                 tokens = _render_prompt(row, tokenizer)
                 out.append(
@@ -489,7 +512,7 @@ class DataStats:
 @dataclass(frozen=True)
 class PreparedData:
     format: str
-    train: list[Any]  # Tokenized | PreferencePair | PromptItem, by format
+    train: list[Any]  # Tokenized | PreferencePair | UnpairedItem | PromptItem, by format
     valid: list[Any]
     test: list[Any]
     mask_prompt: bool
@@ -509,7 +532,7 @@ class PreparedData:
         sort_chunk: int = 0,
         limit: int | None = None,
         field: str = "spec.loop.batch_size",
-    ) -> Batches | PreferenceBatches | PromptBatches:
+    ) -> Batches | PreferenceBatches | UnpairedBatches | PromptBatches:
         """Batches of the right kind for ``split`` ("train" shuffles and repeats by default)."""
         items = {"train": self.train, "valid": self.valid, "test": self.test}[split]
         shuffle = split == "train" if shuffle is None else shuffle
@@ -523,7 +546,9 @@ class PreparedData:
         }
         if self.format == "prompt":
             return PromptBatches(items, batch_size, **common)
-        kind = PreferenceBatches if self.format == "preference" else Batches
+        kind = {"preference": PreferenceBatches, "unpaired_preference": UnpairedBatches}.get(
+            self.format, Batches
+        )
         return kind(
             items,
             batch_size,
@@ -532,6 +557,27 @@ class PreparedData:
             sort_chunk=sort_chunk,
             **common,
         )
+
+
+def unpair(data: PreparedData) -> PreparedData:
+    """Preference pairs as unpaired rows, chosen desirable and rejected not (TRL's
+    ``unpair_preference_dataset``). A completion cut by max_seq_length stays cut in the KL
+    rows it lends (TRL cuts those afresh from the whole completion)."""
+
+    def rows(pairs: list[PreferencePair]) -> list[UnpairedItem]:
+        return [
+            UnpairedItem(s, tuple(s.tokens[s.prompt_len :]), label)
+            for p in pairs
+            for s, label in ((p.chosen, True), (p.rejected, False))
+        ]
+
+    return replace(
+        data,
+        format="unpaired_preference",
+        train=rows(data.train),
+        valid=rows(data.valid),
+        test=rows(data.test),
+    )
 
 
 def _resolve_format(
@@ -551,6 +597,10 @@ def _resolve_format(
         # Prompt-only methods can take the prompts of richer rows when the caller allows it.
         if "prompt" in allowed and "prompt" in rows[0]:
             return "prompt"
+        # A "label" that is no KTO label (not a bool) is just another column of completions.
+        label = rows[0].get("label")
+        if fmt == "unpaired_preference" and "completion" in allowed and not isinstance(label, bool):
+            return "completion"
         raise _fail(
             path_f,
             f"rows are {fmt!r} data (detected from row 1) but this method needs "
@@ -560,6 +610,8 @@ def _resolve_format(
 
 
 def _usable(item: Any) -> bool:
+    if isinstance(item, UnpairedItem):
+        return item.seq.ntargets > 0
     if isinstance(item, PreferencePair):
         return item.chosen.ntargets > 0 and item.rejected.ntargets > 0
     if isinstance(item, Tokenized):
@@ -568,6 +620,8 @@ def _usable(item: Any) -> bool:
 
 
 def _truncated(item: Any) -> bool:
+    if isinstance(item, UnpairedItem):
+        return item.seq.truncated
     if isinstance(item, PreferencePair):
         return item.chosen.truncated or item.rejected.truncated
     return item.truncated
@@ -576,7 +630,10 @@ def _truncated(item: Any) -> bool:
 def _counts(items: list[Any]) -> tuple[int, int]:
     seqs: list[Any] = []
     for it in items:
-        seqs += [it.chosen, it.rejected] if isinstance(it, PreferencePair) else [it]
+        if isinstance(it, UnpairedItem):
+            seqs.append(it.seq)
+        else:
+            seqs += [it.chosen, it.rejected] if isinstance(it, PreferencePair) else [it]
     tokens = sum(len(s.tokens) for s in seqs)
     targets = sum(s.ntargets for s in seqs if isinstance(s, Tokenized))
     return tokens, targets
