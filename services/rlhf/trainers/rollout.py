@@ -274,8 +274,8 @@ def record(hook, **data) -> None:
         return
 
     def plain(x):
-        if isinstance(x, mx.array):
-            return np.array(x)
+        if isinstance(x, mx.array):  # numpy has no bfloat16: widen it (exact)
+            return np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         if isinstance(x, list | tuple):
