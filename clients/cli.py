@@ -38,16 +38,10 @@ from clients.client import (
     health_status,
 )
 from mlx_unified.v1 import common_pb2, generation_pb2, orchestrator_pb2
+from services import registry
 
 JOB_STATES = ["pending", "running", "succeeded", "failed", "cancelled"]
-TRAIN_KINDS = {  # CLI name -> spec kind
-    "sft": "sft",
-    "distill": "distill",
-    "reward-model": "reward_model",
-    "dpo": "dpo",
-    "ppo": "ppo",
-    "grpo": "grpo",
-}
+TRAIN_KINDS = {m.cli: m.name for m in registry.METHODS if m.cli}  # CLI name -> job kind
 
 
 def eprint(*parts: object) -> None:
@@ -269,12 +263,8 @@ def _train_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "seed",
         "output_name",
         "adapter",
-        "teacher",
-        "reference",
-        "beta",
-        "reward_model",
-        "reward_function",
     ]
+    keys += sorted({f.name.replace("-", "_") for m in registry.METHODS for f in m.flags})
     out = {k: getattr(args, k, None) for k in keys}
     out.update(_pairs(args.set, "--set"))
     return out
@@ -747,20 +737,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = _cmd(sub, "train", cmd_train, "submit a training job and follow it")
     tsub = train.add_subparsers(dest="train_kind", required=True, metavar="KIND")
     flags = [_train_flags(), _submit_flags()]
-    _cmd(tsub, "sft", cmd_train, "supervised fine-tuning (full, LoRA, DoRA, QLoRA)", flags)
-    p = _cmd(tsub, "distill", cmd_train, "knowledge distillation into --model", flags)
-    p.add_argument("--teacher", action="append", help="teacher model (repeat for several)")
-    _cmd(tsub, "reward-model", cmd_train, "train a reward model on preference data", flags)
-    p = _cmd(tsub, "dpo", cmd_train, "direct preference optimisation", flags)
-    p.add_argument("--reference", help="reference policy (default: the starting policy)")
-    p.add_argument("--beta", type=float)
-    for name, help in (("ppo", "PPO with a reward model or function"), ("grpo", "GRPO")):
-        p = _cmd(tsub, name, cmd_train, help, flags)
-        p.add_argument("--reference", help="reference policy (default: the starting policy)")
-        p.add_argument("--reward-model", help="reward-model checkpoint")
-        p.add_argument("--reward-function", help='built-in reward, e.g. "length"')
-        if name == "grpo":
-            p.add_argument("--beta", type=float, help="KL coefficient")
+    for m in registry.METHODS:  # one subcommand per method, with its own flags
+        if not m.cli:
+            continue
+        p = _cmd(tsub, m.cli, cmd_train, m.cli_help, flags)
+        for f in m.flags:
+            kw: dict[str, Any] = {"help": f.help, "type": f.type}
+            p.add_argument(f"--{f.name}", action="append" if f.repeat else "store", **kw)
 
     export = _cmd(sub, "export", cmd_export, "fuse an adapter, or (de)quantise a model")
     esub = export.add_subparsers(dest="export_mode", required=True, metavar="MODE")
@@ -779,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     jsub = jobs.add_subparsers(dest="jobs_cmd", required=True, metavar="ACTION")
     p = _cmd(jsub, "list", cmd_jobs, "list jobs (newest first)")
     p.add_argument("--state", action="append", choices=JOB_STATES)
-    p.add_argument("--kind", help="sft, export, distill, reward_model, dpo, ppo, grpo")
+    p.add_argument("--kind", help=", ".join(registry.names()))
     p.add_argument("--limit", type=int, default=50, help="at most N jobs (0: all)")
     for action, help in (
         ("show", "a job's details"),

@@ -43,19 +43,12 @@ from mlx_unified.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
+from services import registry
 
 DEFAULT_PORTS = {"training": 8500, "distillation": 8300, "rlhf": 8400, "orchestrator": 8600}
 SERVICES = tuple(DEFAULT_PORTS)
 TRAINER_SERVICES = ("training", "distillation", "rlhf")
-SERVICE_OF_KIND = {
-    "sft": "training",
-    "export": "training",
-    "distill": "distillation",
-    "reward_model": "rlhf",
-    "dpo": "rlhf",
-    "ppo": "rlhf",
-    "grpo": "rlhf",
-}
+SERVICE_OF_KIND = {m.name: m.service for m in registry.METHODS}
 API_KEY_HEADER = "x-api-key"
 Job = common_pb2.Job
 
@@ -160,13 +153,7 @@ _START_STUBS = {
     "rlhf": rlhf_pb2_grpc.RLHFServiceStub,
 }
 _STARTS: dict[str, tuple[str, str, type[Message]]] = {  # kind -> (service, rpc, request)
-    "sft": ("training", "StartSFT", training_pb2.StartSFTRequest),
-    "export": ("training", "StartExport", training_pb2.StartExportRequest),
-    "distill": ("distillation", "StartDistillation", distillation_pb2.StartDistillationRequest),
-    "reward_model": ("rlhf", "StartRewardModel", rlhf_pb2.StartRewardModelRequest),
-    "dpo": ("rlhf", "StartDPO", rlhf_pb2.StartDPORequest),
-    "ppo": ("rlhf", "StartPPO", rlhf_pb2.StartPPORequest),
-    "grpo": ("rlhf", "StartGRPO", rlhf_pb2.StartGRPORequest),
+    m.name: (m.service, m.rpc, m.request) for m in registry.METHODS
 }
 
 # A stream that breaks for these reasons is resumed; anything else is an answer.
@@ -362,8 +349,8 @@ class MLXUClient:
     # ---- starting jobs -----------------------------------------------------------------
 
     def start(self, kind: str, spec: Message, request_id: str | None = None) -> Started:
-        """Start a job of ``kind`` ("sft", "export", "distill", "reward_model", "dpo", "ppo",
-        "grpo") on the service that owns it."""
+        """Start a job of ``kind`` (a services.registry method name: "sft", "dpo", ...) on the
+        service that owns it."""
         kind = kind.replace("-", "_")
         if kind not in _STARTS:
             raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(_STARTS)}")
@@ -675,3 +662,18 @@ def health_status(
         return "UNREACHABLE"
     finally:
         channel.close()
+
+
+def _start_method(kind: str) -> Callable[..., Job]:
+    def start(self: MLXUClient, spec: Message, request_id: str | None = None) -> Job:
+        return self.start(kind, spec, request_id).job
+
+    start.__name__ = f"start_{kind}"
+    start.__doc__ = f"Start a {kind} job (``start({kind!r}, spec)``); returns the job."
+    return start
+
+
+# ``start_<method>`` for every registry method without a hand-written, typed one above.
+for _m in registry.METHODS:
+    if not hasattr(MLXUClient, f"start_{_m.name}"):
+        setattr(MLXUClient, f"start_{_m.name}", _start_method(_m.name))

@@ -26,17 +26,12 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from mlx_unified.v1 import common_pb2, distillation_pb2, orchestrator_pb2, rlhf_pb2, training_pb2
+from mlx_unified.v1 import common_pb2, orchestrator_pb2
+from services import registry
 
-# kind -> (spec message, the field mlx-lm's `model` key means)
+# kind -> (spec message, the field mlx-lm's `model` key means), from services.registry
 KINDS: dict[str, tuple[type[Message], str]] = {
-    "sft": (training_pb2.SFTSpec, "model"),
-    "export": (training_pb2.ExportSpec, "model"),
-    "distill": (distillation_pb2.DistillationSpec, "student"),
-    "reward_model": (rlhf_pb2.RewardModelSpec, "model"),
-    "dpo": (rlhf_pb2.DPOSpec, "policy"),
-    "ppo": (rlhf_pb2.PPOSpec, "policy"),
-    "grpo": (rlhf_pb2.GRPOSpec, "policy"),
+    m.name: (m.spec, m.model_field) for m in registry.METHODS
 }
 
 
@@ -545,14 +540,8 @@ def absolutize_paths(msg: Message, base: Path | None = None) -> Message:
 
 # ---- pipelines --------------------------------------------------------------------------
 
-_STAGE_FIELD = {
-    "STAGE_KIND_SFT": "sft",
-    "STAGE_KIND_DISTILL": "distill",
-    "STAGE_KIND_REWARD_MODEL": "reward_model",
-    "STAGE_KIND_DPO": "dpo",
-    "STAGE_KIND_PPO": "ppo",
-    "STAGE_KIND_GRPO": "grpo",
-    "STAGE_KIND_EXPORT": "export",
+_STAGE_FIELD = {  # StageKind name -> the Stage oneof field (= the method's name)
+    orchestrator_pb2.StageKind.Name(m.stage_kind): m.name for m in registry.METHODS
 }
 
 

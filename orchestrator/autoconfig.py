@@ -45,6 +45,7 @@ from google.protobuf.message import Message
 from mlx_unified.v1 import common_pb2 as cpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
 from orchestrator.pipeline import Plan, StagePlan, ref_at, to_json
+from services import registry
 from services.runtime.errors import FailedPrecondition, InvalidArgument
 
 GiB = 1 << 30
@@ -58,16 +59,10 @@ METHOD_ENUM = {
     "lora": cpb.FINETUNE_METHOD_LORA,
     "qlora": cpb.FINETUNE_METHOD_QLORA,
 }
-LR = {  # kind -> (full, adapter)
-    "sft": (2e-5, 2e-4),
-    "distill": (2e-5, 2e-4),
-    "reward_model": (1e-5, 1e-4),
-    "dpo": (5e-7, 5e-6),
-    "ppo": (1e-6, 1e-5),
-    "grpo": (1e-6, 1e-5),
-}
-SEQ_FACTOR = {"reward_model": 2, "dpo": 2, "ppo": 2, "grpo": 4}
-RL = ("ppo", "grpo")
+# Per-method recipe values (services.registry): learning rates (full, adapters) for
+# bias-corrected AdamW, and how many sequences one row puts through the model in a step.
+LR = {m.name: m.auto_lr for m in registry.METHODS if m.auto_lr}
+SEQ_FACTOR = {m.name: m.seq_factor for m in registry.METHODS}
 
 
 @dataclass(frozen=True)
@@ -137,9 +132,10 @@ def apply(spec: opb.PipelineSpec, plan: Plan, env: Environment | None) -> Plan:
                 model = size("student")
         else:
             model = size(sp.info.model_target)
-            if name in ("dpo", "ppo", "grpo"):
+            method = registry.get(name)
+            if method.has_reference:  # a frozen copy of the policy
                 frozen = model.params
-            if name in RL and msg.reward.reward_model.model:
+            if method.rollouts and msg.reward.reward_model.model:
                 frozen += size("reward.reward_model").params
         sizes[sp.name] = model
         if name == "export":
@@ -224,19 +220,12 @@ def configure(
             why["loop.grad_accumulation_steps"] = "reach 4 sequences per optimizer step"
     if loop.max_steps == 0 and train_rows:
         if loop.epochs == 0:
-            epochs = (
-                (3 if data.rows < 1000 else 2 if data.rows < 10000 else 1)
-                if kind
-                in (
-                    "sft",
-                    "distill",
-                )
-                else 1
-            )
+            by_size = registry.get(kind).epochs_by_size
+            epochs = (3 if data.rows < 1000 else 2 if data.rows < 10000 else 1) if by_size else 1
             loop.epochs = epochs
             chosen["loop.epochs"] = epochs
             why["loop.epochs"] = f"{data.rows} rows ({kind})"
-        if kind in RL:
+        if registry.get(kind).rollouts:
             per_step = msg.rollout.batch_size or 8
             steps = math.ceil(data.rows * loop.epochs / per_step)
         else:

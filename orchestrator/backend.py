@@ -1,9 +1,9 @@
 """GrpcStageBackend: the scheduler's StageBackend over the trainer services' gRPC APIs.
 
-A stage kind names its service and Start RPC (``STARTS``); the job is then read, followed
-and cancelled through that service's JobService. The idempotency key is sent as the Start
-request's ``request_id``, so a re-sent start (a retry, an orchestrator restart) returns the
-job that already exists instead of launching a second one.
+A stage kind names its service and Start RPC (``STARTS``, from services.registry); the job
+is then read, followed and cancelled through that service's JobService. The idempotency key
+is sent as the Start request's ``request_id``, so a re-sent start (a retry, an orchestrator
+restart) returns the job that already exists instead of launching a second one.
 
 Every call has a deadline. ``WatchJob`` is a long poll: its deadline ends the stream
 quietly (the scheduler reads the job and watches again from the last relayed seq), so a
@@ -39,6 +39,7 @@ from mlx_unified.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
+from services import registry
 from services.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -59,31 +60,20 @@ class StartRpc:
     grpc_service: str  # full name, for the health check
 
 
-_TRAINING = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
-_DISTILL = distillation_pb2.DESCRIPTOR.services_by_name["DistillationService"].full_name
-_RLHF = rlhf_pb2.DESCRIPTOR.services_by_name["RLHFService"].full_name
-_TS, _DS, _RS = (
-    training_pb2_grpc.TrainingServiceStub,
-    distillation_pb2_grpc.DistillationServiceStub,
-    rlhf_pb2_grpc.RLHFServiceStub,
-)
-STARTS: dict[str, StartRpc] = {
-    "sft": StartRpc("training", _TS, "StartSFT", training_pb2.StartSFTRequest, _TRAINING),
-    "export": StartRpc("training", _TS, "StartExport", training_pb2.StartExportRequest, _TRAINING),
-    "distill": StartRpc(
-        "distillation",
-        _DS,
-        "StartDistillation",
-        distillation_pb2.StartDistillationRequest,
-        _DISTILL,
-    ),
-    "reward_model": StartRpc(
-        "rlhf", _RS, "StartRewardModel", rlhf_pb2.StartRewardModelRequest, _RLHF
-    ),
-    "dpo": StartRpc("rlhf", _RS, "StartDPO", rlhf_pb2.StartDPORequest, _RLHF),
-    "ppo": StartRpc("rlhf", _RS, "StartPPO", rlhf_pb2.StartPPORequest, _RLHF),
-    "grpo": StartRpc("rlhf", _RS, "StartGRPO", rlhf_pb2.StartGRPORequest, _RLHF),
+_SERVICES = {  # Settings.endpoints key -> (stub, full gRPC service name)
+    "training": (training_pb2_grpc.TrainingServiceStub, training_pb2.DESCRIPTOR),
+    "distillation": (distillation_pb2_grpc.DistillationServiceStub, distillation_pb2.DESCRIPTOR),
+    "rlhf": (rlhf_pb2_grpc.RLHFServiceStub, rlhf_pb2.DESCRIPTOR),
 }
+
+
+def _route(m: registry.Method) -> StartRpc:
+    stub, file = _SERVICES[m.service]
+    (svc,) = [s for s in file.services_by_name.values() if m.rpc in s.methods_by_name]
+    return StartRpc(m.service, stub, m.rpc, m.request, svc.full_name)
+
+
+STARTS: dict[str, StartRpc] = {m.name: _route(m) for m in registry.METHODS}
 HEALTH_NAMES = {rpc.service: rpc.grpc_service for rpc in STARTS.values()}
 
 # Reconnect quickly after a service restart (gRPC's default backoff grows to 120 s).

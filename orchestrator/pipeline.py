@@ -7,7 +7,8 @@ stage's result checkpoint (a *binding*). Rules, checked when the pipeline is cre
 - stage names are unique, 1-128 chars of ``[A-Za-z0-9._-]`` (they appear in idempotency
   keys and output names); an empty name defaults to the kind ("sft"); an unspecified
   kind is taken from the spec set in the ``spec`` oneof.
-- ``inputs[j].input`` must be an input of the stage's kind (table ``KINDS``) and
+- ``inputs[j].input`` must be an input of the stage's kind (``KINDS``, from
+  services.registry) and
   ``inputs[j].from_stage`` an *earlier* stage (so no cycles). ``reward_model`` binds only
   to a reward_model stage; every other input only to a model-producing stage (a reward
   model is not a policy), except that an export stage may export a reward model.
@@ -40,8 +41,7 @@ from google.protobuf.message import Message
 from mlx_unified.v1 import common_pb2 as cpb
 from mlx_unified.v1 import distillation_pb2 as dpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
-from mlx_unified.v1 import rlhf_pb2 as rpb
-from mlx_unified.v1 import training_pb2 as tpb
+from services import registry
 from services.runtime.errors import FailedPrecondition, Violations
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -63,53 +63,17 @@ class KindInfo:
 
 K = opb.StageKind
 KINDS: dict[int, KindInfo] = {
-    i.kind: i
-    for i in (
-        KindInfo(K.STAGE_KIND_SFT, "sft", "training", tpb.SFTSpec, "model", ("model",)),
-        KindInfo(
-            K.STAGE_KIND_DISTILL,
-            "distill",
-            "distillation",
-            dpb.DistillationSpec,
-            "student",
-            ("model", "teacher"),
-        ),
-        KindInfo(
-            K.STAGE_KIND_REWARD_MODEL,
-            "reward_model",
-            "rlhf",
-            rpb.RewardModelSpec,
-            "model",
-            ("model",),
-            produces_model=False,
-        ),
-        KindInfo(K.STAGE_KIND_DPO, "dpo", "rlhf", rpb.DPOSpec, "policy", ("model", "reference")),
-        KindInfo(
-            K.STAGE_KIND_PPO,
-            "ppo",
-            "rlhf",
-            rpb.PPOSpec,
-            "policy",
-            ("model", "reference", "reward_model"),
-        ),
-        KindInfo(
-            K.STAGE_KIND_GRPO,
-            "grpo",
-            "rlhf",
-            rpb.GRPOSpec,
-            "policy",
-            ("model", "reference", "reward_model"),
-        ),
-        KindInfo(
-            K.STAGE_KIND_EXPORT,
-            "export",
-            "training",
-            tpb.ExportSpec,
-            "model",
-            ("model",),
-            has_dataset=False,
-        ),
+    m.stage_kind: KindInfo(
+        m.stage_kind,
+        m.name,
+        m.service,
+        m.spec,
+        m.model_field,
+        m.inputs,
+        produces_model=m.produces_model,
+        has_dataset=m.has_dataset,
     )
+    for m in registry.METHODS
 }
 BY_NAME: dict[str, KindInfo] = {i.name: i for i in KINDS.values()}
 
@@ -373,7 +337,7 @@ def _bind(spec: opb.PipelineSpec, i: int, index: dict[str, int], v: Violations) 
         if "model" in bound:
             default("reference", bound["model"].from_stage)
         else:
-            default("reference", msg.policy)  # type: ignore[attr-defined]
+            default("reference", ref_at(msg, info.model_target))
     if "reward_model" in info.inputs and "reward_model" not in bound:
         reward = msg.reward  # type: ignore[attr-defined]
         if not reward.reward_model.model and not reward.reward_function:

@@ -242,8 +242,9 @@ def _check_stage_spec(kind: str, spec: Any, prefix: str) -> None:
 
 
 def check_stages(plan: pipeline.Plan) -> None:
-    """Every stage spec through its trainer's own static checks (specs.STATIC_CHECKS), so a
-    pipeline is refused here, with every violation, rather than failing at its stage."""
+    """Every stage spec through its trainer's own static checks (the registry's
+    ``Method.check``), so a pipeline is refused here, with every violation, rather than
+    failing at its stage."""
     found: list = []
     for sp in plan.stages:
         try:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from grpc import aio
 
 from mlx_unified.v1 import common_pb2, common_pb2_grpc, distillation_pb2, distillation_pb2_grpc
+from services import registry
 from services.runtime import specs
 from services.runtime.errors import InvalidArgument, Violations
 from services.runtime.refs import resolve_dataset, resolve_model_ref
 from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
 from services.runtime.rpc.server import ServiceHandle
+from services.runtime.rpc.starts import add_start_handlers
 from services.runtime.settings import Settings
 
-ENTRY = "services.distillation.trainers.kd:run"
-FORMATS = ("text", "chat", "completion")
+FORMATS = registry.get("distill").formats
 
 
 def check_spec(spec: distillation_pb2.DistillationSpec, prefix: str = "spec") -> None:
@@ -61,23 +61,12 @@ def distill_config(spec: distillation_pb2.DistillationSpec, settings: Settings) 
     return config
 
 
+@add_start_handlers("distillation")
 class DistillationServicer(distillation_pb2_grpc.DistillationServiceServicer):
+    """StartDistillation, from services.registry (see rpc/starts.py)."""
+
     def __init__(self, host: JobsHost) -> None:
         self.host = host
-
-    async def StartDistillation(
-        self, request: distillation_pb2.StartDistillationRequest, context: aio.ServicerContext
-    ) -> distillation_pb2.StartDistillationResponse:
-        config = await asyncio.to_thread(distill_config, request.spec, self.host.settings)
-        job, created = await self.host.start_job(
-            "distill",
-            ENTRY,
-            config,
-            request_id=request.request_id,
-            output_name=request.spec.output_name,
-            labels=dict(request.spec.labels),
-        )
-        return distillation_pb2.StartDistillationResponse(job=job, created=created)
 
 
 async def register(server: aio.Server, settings: Settings) -> ServiceHandle:

@@ -1,6 +1,7 @@
-"""RLHF service (port 8400): reward model, DPO, PPO, GRPO jobs and Score; thin servicers over
-the shared job host. Every config is validated by the trainer's own config class (the same
-code the worker runs) plus every dataset row, before a job exists."""
+"""RLHF service (port 8400): the RLHF methods' jobs (services.registry: reward model, DPO,
+PPO, GRPO, ...) and Score; thin servicers over the shared job host. Every config is validated
+by the trainer's own config class (the same code the worker runs) plus every dataset row,
+before a job exists."""
 
 from __future__ import annotations
 
@@ -10,54 +11,38 @@ from typing import Any
 from grpc import aio
 
 from mlx_unified.v1 import common_pb2, common_pb2_grpc, rlhf_pb2, rlhf_pb2_grpc
+from services import registry
 from services.runtime import specs
 from services.runtime.errors import InvalidArgument, Violations
 from services.runtime.paths import confine, confine_tree
 from services.runtime.refs import resolve_dataset, resolve_model_ref
 from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
 from services.runtime.rpc.server import ServiceHandle
+from services.runtime.rpc.starts import add_start_handlers
 from services.runtime.settings import Settings
 
-PREFERENCE = ("preference",)
-PROMPTS = ("prompt", "completion", "preference")
 
-
-def _unresolved(kind: str, spec: Any) -> dict[str, Any]:
+def _unresolved(method: registry.Method, spec: Any) -> dict[str, Any]:
     """The spec as a trainer config dict, model references as given (not resolved)."""
     config = specs.to_dict(spec)
-    if kind != "reward_model" and "reference" not in config:
-        config["reference"] = dict(config.get("policy") or {})
+    if method.has_reference and "reference" not in config:
+        config["reference"] = dict(config.get(method.model_field) or {})
     return config
 
 
-def check_spec(kind: str, spec: Any, prefix: str = "spec") -> None:
-    """Every rule of ``kind``'s trainer that needs no file: the shared ranges, then the
+def check_spec(spec: Any, prefix: str = "spec") -> None:
+    """Every rule of the spec's trainer that needs no file: the shared ranges, then the
     trainer's own config class (the orchestrator runs this on its stages too)."""
     from services.rlhf import validate
 
+    method = registry.by_spec(spec)
     v = Violations()
     specs.check_common(v, spec, prefix)
     v.raise_if_any()
     try:
-        validate.check(kind, _unresolved(kind, spec), rows=False)
+        validate.check(method.name, _unresolved(method, spec), rows=False)
     except InvalidArgument as e:
         raise InvalidArgument(specs.reprefix(e.violations, prefix)) from None
-
-
-def check_reward_model(spec: Any, prefix: str = "spec") -> None:
-    check_spec("reward_model", spec, prefix)
-
-
-def check_dpo(spec: Any, prefix: str = "spec") -> None:
-    check_spec("dpo", spec, prefix)
-
-
-def check_ppo(spec: Any, prefix: str = "spec") -> None:
-    check_spec("ppo", spec, prefix)
-
-
-def check_grpo(spec: Any, prefix: str = "spec") -> None:
-    check_spec("grpo", spec, prefix)
 
 
 def _reward_checkpoint(raw: str, settings: Settings, field: str) -> str:
@@ -68,80 +53,57 @@ def _reward_checkpoint(raw: str, settings: Settings, field: str) -> str:
     return str(path)
 
 
-def rlhf_config(kind: str, spec: Any, settings: Settings) -> dict[str, Any]:
+def rlhf_config(spec: Any, settings: Settings) -> dict[str, Any]:
+    """An RLHF spec (any method's) as its trainer's config: model references resolved and
+    confined, the reference made explicit, every field and dataset row validated."""
     from services.rlhf import validate
 
+    method = registry.by_spec(spec)
+    model = method.model_field
     v = Violations()
     specs.check_common(v, spec)
     v.raise_if_any()
     config = specs.to_dict(spec)
-    if kind == "reward_model":
-        config["model"] = resolve_model_ref(spec.model, settings, "spec.model")
-    else:
-        config["policy"] = resolve_model_ref(spec.policy, settings, "spec.policy")
+    config[model] = resolve_model_ref(getattr(spec, model), settings, f"spec.{model}")
+    if method.has_reference:
         # The reference is explicit in the resolved config: the given one, else the policy's
         # starting checkpoint (base + its adapter), never silently the bare base model.
         config["reference"] = (
             resolve_model_ref(spec.reference, settings, "spec.reference")
             if spec.reference.model
-            else dict(config["policy"])
+            else dict(config[model])
         )
-    if kind in ("ppo", "grpo") and spec.reward.reward_model.model:
+    if method.rollouts and spec.reward.reward_model.model:
         # A reward checkpoint (adapter or full dir + value head), not a plain model.
         path = _reward_checkpoint(
             spec.reward.reward_model.model, settings, "spec.reward.reward_model.model"
         )
         config["reward"]["reward_model"] = {"model": path, "adapter_path": ""}
-    allowed = PREFERENCE if kind in ("reward_model", "dpo") else PROMPTS
     counts: dict[str, int] = {}
-    config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", allowed, counts)
+    config["dataset"] = resolve_dataset(
+        spec.dataset, settings, "spec.dataset", method.formats, counts
+    )
     found = Violations()
-    if kind in ("ppo", "grpo"):
+    if method.rollouts:
         found.check(
             spec.rollout.batch_size <= counts["rows"],
             "spec.rollout.batch_size",
             f"{spec.rollout.batch_size} is larger than the dataset ({counts['rows']} prompts)",
         )
     try:
-        validate.check(kind, config)
+        validate.check(method.name, config)
     except InvalidArgument as e:
         found.items.extend(e.violations)
     found.raise_if_any()
-    return validate._config_class(kind).from_dict(config, prefix="spec").to_dict()
+    return method.config_class().from_dict(config, prefix="spec").to_dict()
 
 
+@add_start_handlers("rlhf")
 class RLHFServicer(rlhf_pb2_grpc.RLHFServiceServicer):
+    """Every RLHF method's Start RPC from services.registry (see rpc/starts.py), and Score."""
+
     def __init__(self, host: JobsHost) -> None:
         self.host = host
-
-    async def _start(self, kind: str, request: Any) -> tuple[common_pb2.Job, bool]:
-        from services.rlhf.trainers import TRAINERS
-
-        config = await asyncio.to_thread(rlhf_config, kind, request.spec, self.host.settings)
-        return await self.host.start_job(
-            kind,
-            TRAINERS[kind],
-            config,
-            request_id=request.request_id,
-            output_name=request.spec.output_name,
-            labels=dict(request.spec.labels),
-        )
-
-    async def StartRewardModel(self, request, context):  # noqa: ANN001, ANN201
-        job, created = await self._start("reward_model", request)
-        return rlhf_pb2.StartRewardModelResponse(job=job, created=created)
-
-    async def StartDPO(self, request, context):  # noqa: ANN001, ANN201
-        job, created = await self._start("dpo", request)
-        return rlhf_pb2.StartDPOResponse(job=job, created=created)
-
-    async def StartPPO(self, request, context):  # noqa: ANN001, ANN201
-        job, created = await self._start("ppo", request)
-        return rlhf_pb2.StartPPOResponse(job=job, created=created)
-
-    async def StartGRPO(self, request, context):  # noqa: ANN001, ANN201
-        job, created = await self._start("grpo", request)
-        return rlhf_pb2.StartGRPOResponse(job=job, created=created)
 
     async def Score(
         self, request: rlhf_pb2.ScoreRequest, context: aio.ServicerContext

@@ -17,28 +17,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from services import registry
 from services.runtime.errors import InvalidArgument, Violation
 
-KINDS = ("reward_model", "dpo", "ppo", "grpo")
-_ROW_FORMAT = {"reward_model": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt"}
+KINDS = registry.names("rlhf")
 
 
 def _config_class(kind: str) -> Any:
-    if kind == "reward_model":
-        from services.rlhf.trainers.reward_model import RewardModelConfig
+    return registry.get(kind).config_class()
 
-        return RewardModelConfig
-    if kind == "dpo":
-        from services.rlhf.trainers.dpo import DPOConfig
 
-        return DPOConfig
-    if kind == "ppo":
-        from services.rlhf.trainers.ppo import PPOConfig
-
-        return PPOConfig
-    from services.rlhf.trainers.grpo import GRPOConfig
-
-    return GRPOConfig
+def _row_format(kind: str, dataset: dict) -> str:
+    """The row check of ``kind``: rollout methods take any row's prompt ("prompt"); others
+    the dataset's resolved format where the method trains on it, else its first."""
+    method = registry.get(kind)
+    if method.rollouts:
+        return "prompt"
+    fmt = (dataset or {}).get("format")
+    return fmt if fmt in method.formats else method.formats[0]
 
 
 def row_violations(dataset: dict, fmt: str, field: str = "spec.dataset.path") -> list[Violation]:
@@ -78,7 +74,7 @@ def _rows(rows: list[dict], fmt: str, field: str, source: str, validate_rows) ->
 
 
 def check(kind: str, config: dict, *, rows: bool = True) -> None:
-    """Validate the config of a job of ``kind`` ("reward_model", "dpo", "ppo", "grpo")."""
+    """Validate the config of a job of ``kind`` (one of ``KINDS``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown RLHF job kind {kind!r}; expected one of {KINDS}")
     found: list[Violation] = []
@@ -87,25 +83,10 @@ def check(kind: str, config: dict, *, rows: bool = True) -> None:
     except InvalidArgument as e:
         found.extend(e.violations)
     if rows and not any(v.field.startswith("spec.dataset") for v in found):
-        found.extend(row_violations(config.get("dataset") or {}, _ROW_FORMAT[kind]))
+        dataset = config.get("dataset") or {}
+        found.extend(row_violations(dataset, _row_format(kind, dataset)))
     if found:
         raise InvalidArgument(found)
-
-
-def check_reward_model(config: dict, *, rows: bool = True) -> None:
-    check("reward_model", config, rows=rows)
-
-
-def check_dpo(config: dict, *, rows: bool = True) -> None:
-    check("dpo", config, rows=rows)
-
-
-def check_ppo(config: dict, *, rows: bool = True) -> None:
-    check("ppo", config, rows=rows)
-
-
-def check_grpo(config: dict, *, rows: bool = True) -> None:
-    check("grpo", config, rows=rows)
 
 
 def check_score(reward_model: dict, field: str = "reward_model.model") -> None:

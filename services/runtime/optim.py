@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from services.runtime.errors import InvalidArgument, Violations
+from services.runtime.specs import MAX_LEARNING_RATE
 
 T = TypeVar("T", bound="DictConfig")
 
@@ -178,7 +179,10 @@ class OptimizerSettings(DictConfig):
     def validate(self, v: Violations, prefix: str) -> None:
         v.check(self.name in OPTIMIZERS, _f(prefix, "name"), f"must be one of {OPTIMIZERS}")
         v.check(self.schedule in SCHEDULES, _f(prefix, "schedule"), f"one of {SCHEDULES}")
-        v.check(0 < self.learning_rate < 10, _f(prefix, "learning_rate"), "must be in (0, 10)")
+        top = MAX_LEARNING_RATE
+        v.check(
+            0 < self.learning_rate <= top, _f(prefix, "learning_rate"), f"must be in (0, {top:g}]"
+        )
         v.check((self.weight_decay or 0) >= 0, _f(prefix, "weight_decay"), "must be >= 0")
         for key in ("beta1", "beta2", "momentum"):
             v.check(0 <= getattr(self, key) < 1, _f(prefix, key), "must be in [0, 1)")

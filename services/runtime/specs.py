@@ -11,7 +11,6 @@ Enum values become short lowercase names (OPTIMIZER_NAME_ADAMW -> "adamw").
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -99,9 +98,16 @@ def check_loop(v: Violations, loop: Message, prefix: str) -> None:
         )
 
 
+# The one bound on a learning rate, at the edge (0 = the method's default) and in the
+# trainers' OptimizerSettings alike.
+MAX_LEARNING_RATE = 1.0
+
+
 def check_optimizer(v: Violations, o: Message, prefix: str) -> None:
     v.check(
-        0 <= o.learning_rate <= 1.0, f"{prefix}.learning_rate", "must be > 0 and <= 1 (0 = default)"
+        0 <= o.learning_rate <= MAX_LEARNING_RATE,
+        f"{prefix}.learning_rate",
+        f"must be > 0 and <= {MAX_LEARNING_RATE:g} (0 = the method's default)",
     )
     if o.HasField("weight_decay"):
         v.check(0 <= o.weight_decay < 1, f"{prefix}.weight_decay", "must be in [0, 1)")
@@ -271,24 +277,15 @@ def check_request(msg: Message, limits: Limits | None = None) -> None:
 
 # --- the trainers' own spec checks, shared with the orchestrator ----------------------------
 #
-# kind -> "module:function(spec, prefix)": every rule a trainer service applies to a spec
+# Each method's ``check`` (services.registry): every rule a trainer service applies to a spec
 # that needs no file (numbers, enums, combinations), raising InvalidArgument with fields under
 # ``prefix``. The trainer services run them at Start; the orchestrator runs the same functions
 # on every stage of a pipeline before storing it, so it never accepts a spec a trainer refuses.
-STATIC_CHECKS = {
-    "sft": "services.training.spec:check_sft",
-    "export": "services.training.spec:check_export",
-    "distill": "services.distillation.server:check_spec",
-    "reward_model": "services.rlhf.server:check_reward_model",
-    "dpo": "services.rlhf.server:check_dpo",
-    "ppo": "services.rlhf.server:check_ppo",
-    "grpo": "services.rlhf.server:check_grpo",
-}
-
-
 def check_static(kind: str, spec: Message, prefix: str) -> None:
-    module, func = STATIC_CHECKS[kind].split(":")
-    getattr(importlib.import_module(module), func)(spec, prefix)
+    """Run ``kind``'s static check (services.registry ``Method.check``) on ``spec``."""
+    from services import registry
+
+    registry.load(registry.get(kind).check)(spec, prefix)
 
 
 def reprefix(violations: list[Violation], prefix: str, old: str = "spec") -> list[Violation]:

@@ -5,8 +5,6 @@ TrainingService (StartSFT, StartExport) + JobService + GenerationService.
 
 from __future__ import annotations
 
-import asyncio
-
 from grpc import aio
 
 from mlx_unified.v1 import (
@@ -20,44 +18,16 @@ from mlx_unified.v1 import (
 from services.runtime.rpc.generation_servicer import GenerationServicer
 from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
 from services.runtime.rpc.server import ServiceHandle
+from services.runtime.rpc.starts import add_start_handlers
 from services.runtime.settings import Settings
-from services.training import spec as specs
-
-SFT_ENTRY = "services.training.trainers.sft:run"
-EXPORT_ENTRY = "services.training.trainers.export:run"
 
 
+@add_start_handlers("training")
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    """StartSFT and StartExport, from services.registry (see rpc/starts.py)."""
+
     def __init__(self, host: JobsHost) -> None:
         self.host = host
-
-    async def StartSFT(
-        self, request: training_pb2.StartSFTRequest, context: aio.ServicerContext
-    ) -> training_pb2.StartSFTResponse:
-        config = await asyncio.to_thread(specs.sft_config, request.spec, self.host.settings)
-        job, created = await self.host.start_job(
-            "sft",
-            SFT_ENTRY,
-            config,
-            request_id=request.request_id,
-            output_name=request.spec.output_name,
-            labels=dict(request.spec.labels),
-        )
-        return training_pb2.StartSFTResponse(job=job, created=created)
-
-    async def StartExport(
-        self, request: training_pb2.StartExportRequest, context: aio.ServicerContext
-    ) -> training_pb2.StartExportResponse:
-        config = await asyncio.to_thread(specs.export_config, request.spec, self.host.settings)
-        job, created = await self.host.start_job(
-            "export",
-            EXPORT_ENTRY,
-            config,
-            request_id=request.request_id,
-            output_name=request.spec.output_name,
-            labels=dict(request.spec.labels),
-        )
-        return training_pb2.StartExportResponse(job=job, created=created)
 
 
 async def register(server: aio.Server, settings: Settings) -> ServiceHandle:

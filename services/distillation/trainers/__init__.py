@@ -4,4 +4,6 @@ Dotted names for the job runner: ``services.distillation.trainers.kd:run`` (job 
 "distill"). The config is the DistillationSpec as a plain dict; see services.distillation.validate.
 """
 
-TRAINERS = {"distill": "services.distillation.trainers.kd:run"}
+from services import registry
+
+TRAINERS = {m.name: m.trainer for m in registry.of_service("distillation")}

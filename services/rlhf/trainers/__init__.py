@@ -17,17 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services import registry
 from services.runtime import checkpoints, trainer_state
 from services.runtime.contract import CheckpointInfo, Interrupted, Report
 from services.runtime.loop_settings import LoopSettings
 from services.runtime.trainer_state import Progress
 
-TRAINERS = {
-    "reward_model": "services.rlhf.trainers.reward_model:run",
-    "dpo": "services.rlhf.trainers.dpo:run",
-    "ppo": "services.rlhf.trainers.ppo:run",
-    "grpo": "services.rlhf.trainers.grpo:run",
-}
+TRAINERS = {m.name: m.trainer for m in registry.of_service("rlhf")}
 
 
 @dataclass

@@ -38,6 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from services import registry
 from services.rlhf.trainers import (
     evaluate_metrics,
     load_policy,
@@ -84,7 +85,7 @@ class DPOConfig(DictConfig):
 
     @classmethod
     def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> DPOConfig:
-        return super().from_dict(default_lr(data or {}, full=1e-6, adapter=1e-5), prefix=prefix)
+        return super().from_dict(default_lr(data or {}, *registry.get("dpo").lr), prefix=prefix)
 
     def resolve(self) -> DPOConfig:
         ref = self.reference if self.reference is not None and self.reference.model else None

@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from services import registry
 from services.rlhf.trainers import evaluate_metrics, heads, load_policy, run_cli, write_policy
 from services.rlhf.trainers.losses import aux, bradley_terry_loss
 from services.runtime import checkpoints, datasets
@@ -51,7 +52,7 @@ def method_name(raw: str) -> str:
     return raw.lower().removeprefix("finetune_method_")
 
 
-def default_lr(data: dict, *, full: float = 1e-5, adapter: float = 1e-4) -> dict:
+def default_lr(data: dict, full: float = 1e-5, adapter: float = 1e-4) -> dict:
     """The learning rate when none is given: ``full`` for full fine-tuning, ``adapter`` for
     adapters (by default 1e-5 / 1e-4, as SFT)."""
     data = dict(data or {})
@@ -80,7 +81,9 @@ class RewardModelConfig(DictConfig):
     @classmethod
     def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> RewardModelConfig:
         # TRL 1.16's RewardConfig: 1e-4, whatever is trained.
-        return super().from_dict(default_lr(data or {}, full=1e-4, adapter=1e-4), prefix=prefix)
+        return super().from_dict(
+            default_lr(data or {}, *registry.get("reward_model").lr), prefix=prefix
+        )
 
     def resolve(self) -> RewardModelConfig:
         return dataclasses.replace(self, method=method_name(self.method))

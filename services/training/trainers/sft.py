@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from services import registry
 from services.runtime import adapters, checkpoints, datasets, models
 from services.runtime.adapters import LoraSettings, QuantizationSettings
 from services.runtime.contract import CheckpointInfo, JobContext
@@ -68,7 +69,8 @@ class SFTConfig(DictConfig):
         # The default learning rate depends on the method: 1e-5 full, 1e-4 adapters.
         opt = dict(data.get("optimizer") or {})
         if not opt.get("learning_rate"):
-            opt["learning_rate"] = 1e-5 if data.get("method") == "full" else 1e-4
+            full, adapter = registry.get("sft").lr
+            opt["learning_rate"] = full if data.get("method") == "full" else adapter
         data["optimizer"] = opt
         return super().from_dict(data, prefix=prefix)
 
