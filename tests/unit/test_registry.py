@@ -100,3 +100,20 @@ def test_docs_methods_table_is_current() -> None:
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
     assert methods_table.table() in doc, "rerun: uv run python scripts/methods_table.py"
+
+
+def test_a_pipeline_takes_kto_and_orpo_stages_from_the_registry() -> None:
+    from orchestrator import pipeline
+
+    spec = orchestrator_pb2.PipelineSpec(name="p")
+    spec.base_model.model = "base"
+    spec.dataset.path = "/data/prefs.jsonl"
+    spec.stages.add(kind=orchestrator_pb2.STAGE_KIND_SFT)
+    spec.stages.add(kind=orchestrator_pb2.STAGE_KIND_KTO)
+    spec.stages.add(kind=orchestrator_pb2.STAGE_KIND_ORPO)
+    plan = pipeline.resolve(pipeline.normalize(spec), {"training", "rlhf"})
+    kto, orpo = plan.stages[1], plan.stages[2]
+    assert (kto.name, orpo.name) == ("kto", "orpo")
+    assert {b.target: b.from_stage for b in kto.bindings} == {"policy": "sft", "reference": "sft"}
+    assert {b.target: b.from_stage for b in orpo.bindings} == {"policy": "kto"}
+    assert orpo.spec["policy"]["model"] == pipeline.placeholder("kto")

@@ -25,6 +25,8 @@ class StageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_KIND_PPO: _ClassVar[StageKind]
     STAGE_KIND_GRPO: _ClassVar[StageKind]
     STAGE_KIND_EXPORT: _ClassVar[StageKind]
+    STAGE_KIND_KTO: _ClassVar[StageKind]
+    STAGE_KIND_ORPO: _ClassVar[StageKind]
 
 class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +54,8 @@ STAGE_KIND_DPO: StageKind
 STAGE_KIND_PPO: StageKind
 STAGE_KIND_GRPO: StageKind
 STAGE_KIND_EXPORT: StageKind
+STAGE_KIND_KTO: StageKind
+STAGE_KIND_ORPO: StageKind
 RUN_STATE_UNSPECIFIED: RunState
 RUN_STATE_PENDING: RunState
 RUN_STATE_RUNNING: RunState
@@ -75,7 +79,7 @@ class Binding(_message.Message):
     def __init__(self, input: _Optional[str] = ..., from_stage: _Optional[str] = ...) -> None: ...
 
 class Stage(_message.Message):
-    __slots__ = ("name", "kind", "sft", "distill", "reward_model", "dpo", "ppo", "grpo", "export", "inputs")
+    __slots__ = ("name", "kind", "sft", "distill", "reward_model", "dpo", "ppo", "grpo", "export", "kto", "orpo", "inputs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SFT_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +89,8 @@ class Stage(_message.Message):
     PPO_FIELD_NUMBER: _ClassVar[int]
     GRPO_FIELD_NUMBER: _ClassVar[int]
     EXPORT_FIELD_NUMBER: _ClassVar[int]
+    KTO_FIELD_NUMBER: _ClassVar[int]
+    ORPO_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: StageKind
@@ -95,8 +101,10 @@ class Stage(_message.Message):
     ppo: _rlhf_pb2.PPOSpec
     grpo: _rlhf_pb2.GRPOSpec
     export: _training_pb2.ExportSpec
+    kto: _rlhf_pb2.KTOSpec
+    orpo: _rlhf_pb2.ORPOSpec
     inputs: _containers.RepeatedCompositeFieldContainer[Binding]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[StageKind, str]] = ..., sft: _Optional[_Union[_training_pb2.SFTSpec, _Mapping]] = ..., distill: _Optional[_Union[_distillation_pb2.DistillationSpec, _Mapping]] = ..., reward_model: _Optional[_Union[_rlhf_pb2.RewardModelSpec, _Mapping]] = ..., dpo: _Optional[_Union[_rlhf_pb2.DPOSpec, _Mapping]] = ..., ppo: _Optional[_Union[_rlhf_pb2.PPOSpec, _Mapping]] = ..., grpo: _Optional[_Union[_rlhf_pb2.GRPOSpec, _Mapping]] = ..., export: _Optional[_Union[_training_pb2.ExportSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Binding, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[StageKind, str]] = ..., sft: _Optional[_Union[_training_pb2.SFTSpec, _Mapping]] = ..., distill: _Optional[_Union[_distillation_pb2.DistillationSpec, _Mapping]] = ..., reward_model: _Optional[_Union[_rlhf_pb2.RewardModelSpec, _Mapping]] = ..., dpo: _Optional[_Union[_rlhf_pb2.DPOSpec, _Mapping]] = ..., ppo: _Optional[_Union[_rlhf_pb2.PPOSpec, _Mapping]] = ..., grpo: _Optional[_Union[_rlhf_pb2.GRPOSpec, _Mapping]] = ..., export: _Optional[_Union[_training_pb2.ExportSpec, _Mapping]] = ..., kto: _Optional[_Union[_rlhf_pb2.KTOSpec, _Mapping]] = ..., orpo: _Optional[_Union[_rlhf_pb2.ORPOSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Binding, _Mapping]]] = ...) -> None: ...
 
 class PipelineSpec(_message.Message):
     __slots__ = ("name", "base_model", "dataset", "datasets", "stages", "auto_configure", "cache", "labels")

@@ -31,6 +31,12 @@ class RewardScaling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REWARD_SCALING_GROUP: _ClassVar[RewardScaling]
     REWARD_SCALING_BATCH: _ClassVar[RewardScaling]
     REWARD_SCALING_NONE: _ClassVar[RewardScaling]
+
+class KTOLoss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KTO_LOSS_UNSPECIFIED: _ClassVar[KTOLoss]
+    KTO_LOSS_KTO: _ClassVar[KTOLoss]
+    KTO_LOSS_APO_ZERO_UNPAIRED: _ClassVar[KTOLoss]
 DPO_LOSS_UNSPECIFIED: DPOLoss
 DPO_LOSS_SIGMOID: DPOLoss
 DPO_LOSS_IPO: DPOLoss
@@ -45,6 +51,9 @@ REWARD_SCALING_UNSPECIFIED: RewardScaling
 REWARD_SCALING_GROUP: RewardScaling
 REWARD_SCALING_BATCH: RewardScaling
 REWARD_SCALING_NONE: RewardScaling
+KTO_LOSS_UNSPECIFIED: KTOLoss
+KTO_LOSS_KTO: KTOLoss
+KTO_LOSS_APO_ZERO_UNPAIRED: KTOLoss
 
 class RewardModelSpec(_message.Message):
     __slots__ = ("model", "dataset", "method", "lora", "optimizer", "loop", "resources", "use_margin", "center_rewards_coef", "output_name", "labels")
@@ -299,6 +308,110 @@ class StartGRPORequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[GRPOSpec, _Mapping]] = ...) -> None: ...
 
 class StartGRPOResponse(_message.Message):
+    __slots__ = ("job", "created")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    job: _common_pb2.Job
+    created: bool
+    def __init__(self, job: _Optional[_Union[_common_pb2.Job, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class KTOSpec(_message.Message):
+    __slots__ = ("policy", "reference", "dataset", "method", "lora", "optimizer", "loop", "resources", "loss_type", "beta", "desirable_weight", "undesirable_weight", "precompute_reference", "output_name", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LOOP_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    DESIRABLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    UNDESIRABLE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PRECOMPUTE_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    policy: _common_pb2.ModelRef
+    reference: _common_pb2.ModelRef
+    dataset: _common_pb2.DatasetRef
+    method: _common_pb2.FinetuneMethod
+    lora: _common_pb2.LoraConfig
+    optimizer: _common_pb2.OptimizerConfig
+    loop: _common_pb2.LoopConfig
+    resources: _common_pb2.Resources
+    loss_type: KTOLoss
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
+    precompute_reference: bool
+    output_name: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., loss_type: _Optional[_Union[KTOLoss, str]] = ..., beta: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ..., precompute_reference: _Optional[bool] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class StartKTORequest(_message.Message):
+    __slots__ = ("request_id", "spec")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    spec: KTOSpec
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[KTOSpec, _Mapping]] = ...) -> None: ...
+
+class StartKTOResponse(_message.Message):
+    __slots__ = ("job", "created")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    job: _common_pb2.Job
+    created: bool
+    def __init__(self, job: _Optional[_Union[_common_pb2.Job, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ORPOSpec(_message.Message):
+    __slots__ = ("policy", "dataset", "method", "lora", "optimizer", "loop", "resources", "beta", "output_name", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LOOP_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    policy: _common_pb2.ModelRef
+    dataset: _common_pb2.DatasetRef
+    method: _common_pb2.FinetuneMethod
+    lora: _common_pb2.LoraConfig
+    optimizer: _common_pb2.OptimizerConfig
+    loop: _common_pb2.LoopConfig
+    resources: _common_pb2.Resources
+    beta: float
+    output_name: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., beta: _Optional[float] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class StartORPORequest(_message.Message):
+    __slots__ = ("request_id", "spec")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    spec: ORPOSpec
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[ORPOSpec, _Mapping]] = ...) -> None: ...
+
+class StartORPOResponse(_message.Message):
     __slots__ = ("job", "created")
     JOB_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]

@@ -61,6 +61,16 @@ class RLHFServiceStub:
                 request_serializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartGRPORequest.SerializeToString,
                 response_deserializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartGRPOResponse.FromString,
                 _registered_method=True)
+        self.StartKTO = channel.unary_unary(
+                '/mlx_unified.v1.RLHFService/StartKTO',
+                request_serializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartKTORequest.SerializeToString,
+                response_deserializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartKTOResponse.FromString,
+                _registered_method=True)
+        self.StartORPO = channel.unary_unary(
+                '/mlx_unified.v1.RLHFService/StartORPO',
+                request_serializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartORPORequest.SerializeToString,
+                response_deserializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartORPOResponse.FromString,
+                _registered_method=True)
         self.Score = channel.unary_unary(
                 '/mlx_unified.v1.RLHFService/Score',
                 request_serializer=mlx__unified_dot_v1_dot_rlhf__pb2.ScoreRequest.SerializeToString,
@@ -108,6 +118,22 @@ class RLHFServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartKTO(self, request, context):
+        """KTO (Job.kind "kto"): Kahneman-Tversky optimisation on unpaired rows (a completion
+        labelled desirable or not) against a frozen reference, as TRL's KTOTrainer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartORPO(self, request, context):
+        """ORPO (Job.kind "orpo"): NLL on the chosen answer plus an odds-ratio preference term,
+        no reference model, as TRL's ORPOTrainer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Score(self, request, context):
         """Scores (prompt, completion) pairs with a reward-model checkpoint.
         Errors: INVALID_ARGUMENT (no items, more than `MLXU_SCORE_MAX_ITEMS` (256), an item
@@ -140,6 +166,16 @@ def add_RLHFServiceServicer_to_server(servicer, server):
                     servicer.StartGRPO,
                     request_deserializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartGRPORequest.FromString,
                     response_serializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartGRPOResponse.SerializeToString,
+            ),
+            'StartKTO': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartKTO,
+                    request_deserializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartKTORequest.FromString,
+                    response_serializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartKTOResponse.SerializeToString,
+            ),
+            'StartORPO': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartORPO,
+                    request_deserializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartORPORequest.FromString,
+                    response_serializer=mlx__unified_dot_v1_dot_rlhf__pb2.StartORPOResponse.SerializeToString,
             ),
             'Score': grpc.unary_unary_rpc_method_handler(
                     servicer.Score,
@@ -262,6 +298,60 @@ class RLHFService:
             '/mlx_unified.v1.RLHFService/StartGRPO',
             mlx__unified_dot_v1_dot_rlhf__pb2.StartGRPORequest.SerializeToString,
             mlx__unified_dot_v1_dot_rlhf__pb2.StartGRPOResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartKTO(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlx_unified.v1.RLHFService/StartKTO',
+            mlx__unified_dot_v1_dot_rlhf__pb2.StartKTORequest.SerializeToString,
+            mlx__unified_dot_v1_dot_rlhf__pb2.StartKTOResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartORPO(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlx_unified.v1.RLHFService/StartORPO',
+            mlx__unified_dot_v1_dot_rlhf__pb2.StartORPORequest.SerializeToString,
+            mlx__unified_dot_v1_dot_rlhf__pb2.StartORPOResponse.FromString,
             options,
             channel_credentials,
             insecure,

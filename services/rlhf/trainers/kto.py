@@ -40,6 +40,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from services import registry
 from services.rlhf.trainers import (
     dpo,
     evaluate_metrics,
@@ -92,7 +93,7 @@ class KTOConfig(DictConfig):
 
     @classmethod
     def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> KTOConfig:
-        return super().from_dict(default_lr(data or {}, full=1e-6, adapter=1e-5), prefix=prefix)
+        return super().from_dict(default_lr(data or {}, *registry.get("kto").lr), prefix=prefix)
 
     def resolve(self) -> KTOConfig:
         ref = self.reference if self.reference is not None and self.reference.model else None

@@ -31,6 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from services import registry
 from services.rlhf.trainers import evaluate_metrics, load_policy, run_cli, write_policy
 from services.rlhf.trainers.losses import aux, token_logps
 from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
@@ -67,7 +68,7 @@ class ORPOConfig(DictConfig):
 
     @classmethod
     def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> ORPOConfig:
-        return super().from_dict(default_lr(data or {}, full=1e-6, adapter=1e-5), prefix=prefix)
+        return super().from_dict(default_lr(data or {}, *registry.get("orpo").lr), prefix=prefix)
 
     def resolve(self) -> ORPOConfig:
         return dataclasses.replace(self, method=method_name(self.method))
