@@ -1,4 +1,4 @@
-"""The training loop every trainer shares (SFT, distillation, reward models, DPO, ...).
+"""Batch training (SFT, distillation, reward models, DPO, KTO, ORPO) on the one loop.
 
 A trainer builds the model, its data and a loss, then calls::
 
@@ -16,35 +16,33 @@ micro-batches from ``train_batches``, which must be built with the global micro-
 ``step`` counts optimizer steps; report / eval / checkpoint intervals are in those steps.
 
 The step is compiled once (``mx.compile`` with the model, optimizer and RNG state as inputs
-and outputs); loss and state are evaluated every step so no lazy graph outlives it. Every
-``steps_per_checkpoint`` steps, at the end, and when ``ctx.should_stop()`` turns true, the
-model (via ``artifact.write``) and the trainer state (optimizer, step, data position, extra
-state) are saved atomically; a job restarted with ``ctx.resume_from`` continues exactly
-where that checkpoint left off. Dropout keys derive from (seed, step), so resumed runs draw
-the same randomness as uninterrupted ones.
+and outputs); loss and state are evaluated every step so no lazy graph outlives it. This
+module is that step as a ``StepStrategy`` (``BatchStrategy``); the loop around it (reports,
+evaluation cadence, checkpoints, stop, non-finite losses, exact resume) is
+``services.runtime.steps.run_steps``, which PPO and GRPO drive with their own strategy.
+Dropout keys derive from (seed, step), so resumed runs draw the same randomness as
+uninterrupted ones.
 
 Around it: the config sections trainers share are in ``loop_settings``, the trainer-state
-files and their restore in ``trainer_state`` (PPO / GRPO use them too), gradient
-checkpointing in ``grad_checkpoint``; this module re-exports what trainers import.
+files and their restore in ``trainer_state``, gradient checkpointing in ``grad_checkpoint``;
+this module re-exports what trainers import.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from services.runtime import checkpoints, trainer_state
-from services.runtime.contract import CheckpointInfo, Interrupted, JobContext, Report
+from services.runtime import trainer_state
+from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.grad_checkpoint import enable_grad_checkpoint
 from services.runtime.loop_settings import (
     DTYPES,
@@ -57,6 +55,7 @@ from services.runtime.loop_settings import (
     total_steps,
 )
 from services.runtime.optim import OptimizerSettings, build_optimizer, learning_rate
+from services.runtime.steps import Artifact, NonFiniteLoss, StepOutput, run_steps
 from services.runtime.trainer_state import Stateful
 
 # The trainer-state helpers' names from before they became services.runtime.trainer_state,
@@ -69,6 +68,7 @@ _assign = trainer_state._assign
 __all__ = [
     "DTYPES",
     "Artifact",
+    "BatchStrategy",
     "BatchStream",
     "DatasetSettings",
     "LoopSettings",
@@ -100,24 +100,10 @@ class BatchStream(Protocol):
 
 
 @dataclass(frozen=True)
-class Artifact:
-    """How the trainer's model becomes an mlx-lm directory, and what its manifest says."""
-
-    kind: str  # "adapter" | "full"
-    write: Callable[[Path], None]  # writes adapters.safetensors+config or a full model dir
-    base_model: str = ""
-    config: dict[str, Any] = field(default_factory=dict)  # resolved config, for manifests
-
-
-@dataclass(frozen=True)
 class TrainResult:
     step: int
     metrics: dict[str, float]
     checkpoint: CheckpointInfo | None  # the last checkpoint (None on non-main ranks)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 # _arrays and _Step are looked up in this module at call time, never bound elsewhere:
@@ -243,7 +229,7 @@ def evaluate(
     return total.item() / w if w > 0 else None
 
 
-# ---- the loop ----
+# ---- the supervised / preference batch strategy ----
 
 
 def _window_metrics(window: dict[str, float], seconds: float, steps: int, n_proc: int) -> dict:
@@ -263,6 +249,65 @@ def _window_metrics(window: dict[str, float], seconds: float, steps: int, n_proc
     return out
 
 
+class BatchStrategy:
+    """One optimizer step over ``grad_accumulation_steps`` micro-batches of a batch stream
+    (``loss_fn``'s weighted sums); reports weight-averaged means, ``train_loss`` first."""
+
+    validates = True
+    report_at_checkpoints = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train_batches: BatchStream,
+        valid_batches: Iterable[dict] | None,
+        loop: LoopSettings,
+        opt: OptimizerSettings,
+        optimizer: optim.Optimizer,
+        extra: Stateful | None = None,
+    ) -> None:
+        self.model, self.loss_fn, self.loop, self.opt = model, loss_fn, loop, opt
+        self.optimizer, self.data, self.valid, self.extra = (
+            optimizer,
+            train_batches,
+            valid_batches,
+            extra,
+        )
+        self.n_proc = mx.distributed.init().size()
+        self.out: dict[str, mx.array] = {}
+
+    def start(self) -> None:
+        # After any restore: the step captures the restored state, the iterator its position.
+        # _Step is looked up here at call time (bench/parity_common.py swaps it).
+        world = mx.distributed.init()
+        accum, clip = self.loop.grad_accumulation_steps, self.opt.grad_clip_norm
+        self.step_fn = _Step(self.model, self.loss_fn, self.optimizer, accum, clip, world)
+        self.eval_fn = mx.compile(lambda b: self.loss_fn(self.model, b), inputs=self.model.state)
+        self.model.train()
+        self.batches = iter(self.data)
+
+    def step(self, step: int) -> StepOutput:
+        sums, self.out = self.step_fn(self.batches, self.loop.seed, step)
+        sums = {k: v.item() for k, v in sums.items()}
+        return StepOutput(sums, {"loss": sums["loss"] / max(sums["weight"], 1e-12)})
+
+    def summarize(self, window: dict, seconds: float, steps: int) -> tuple[dict, int]:
+        metrics = _window_metrics(window, seconds, steps, self.n_proc)
+        tokens = int(round(metrics.pop("_tokens")))
+        metrics["learning_rate"] = learning_rate(self.optimizer)
+        metrics["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+        if "grad_norm" in self.out:
+            metrics["grad_norm"] = self.out["grad_norm"].item()
+        return metrics, tokens
+
+    def validate(self) -> dict[str, float]:
+        val = evaluate(
+            self.model, self.loss_fn, self.valid, self.loop.val_batches, compiled=self.eval_fn
+        )
+        return {} if val is None else {"val_loss": val, "val_ppl": math.exp(min(val, 700.0))}
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -280,132 +325,29 @@ def train(
     from mlx_lm.utils import maybe_set_recommended_wired_limit
 
     maybe_set_recommended_wired_limit()
-    world = mx.distributed.init()
-    n_proc = world.size()
-    is_main = world.rank() == 0 and ctx.is_main
     total = total_steps(loop, train_batches)
     optimizer = optimizer or build_optimizer(opt, total)
     optimizer.init(model.trainable_parameters())
     if loop.grad_checkpoint:
         enable_grad_checkpoint(model)
-
-    progress = trainer_state.Progress()
-    if ctx.resume_from is not None:
-        resume = Path(ctx.resume_from)
-        progress = trainer_state.restore(resume, model, optimizer, train_batches, extra_state)
-        ctx.log(f"resumed from {ctx.resume_from} at step {progress.step}")
-
-    step_fn = _Step(
-        model, loss_fn, optimizer, loop.grad_accumulation_steps, opt.grad_clip_norm, world
+    strategy = BatchStrategy(
+        model, loss_fn, train_batches, valid_batches, loop, opt, optimizer, extra_state
     )
-    eval_fn = mx.compile(lambda b: loss_fn(model, b), inputs=model.state)
-    ckpt_root = Path(ctx.output_dir) / checkpoints.CHECKPOINTS
-    last_ckpt: CheckpointInfo | None = None
-
-    def save() -> CheckpointInfo | None:
-        nonlocal last_ckpt
-        if not is_main:
-            return None
-
-        def write(tmp: Path) -> None:
-            artifact.write(tmp)
-            trainer_state.write_trainer_state(
-                tmp / checkpoints.TRAINER_STATE, optimizer, progress, train_batches, extra_state
-            )
-
-        manifest = {
-            "job_id": ctx.job_id,
-            "kind": artifact.kind,
-            "base_model": artifact.base_model,
-            "config": artifact.config,
-            "metrics": progress.metrics,
-        }
-        last_ckpt = checkpoints.save(
-            ckpt_root, progress.step, write, manifest, loop.keep_last_checkpoints
-        )
-        ctx.checkpoint_written(last_ckpt)
-        return last_ckpt
-
-    def validate() -> None:
-        if loop.steps_per_eval == -1:
-            return
-        val = evaluate(model, loss_fn, valid_batches, loop.val_batches, compiled=eval_fn)
-        if val is not None:
-            progress.metrics["val_loss"] = val
-            progress.metrics["val_ppl"] = math.exp(min(val, 700.0))
-
-    def should_stop() -> bool:
-        stop = bool(ctx.should_stop())
-        if n_proc > 1:  # every rank must leave the loop at the same step
-            stop = mx.distributed.all_sum(mx.array(int(stop)), stream=mx.cpu).item() > 0
-        return stop
-
-    model.train()
-    batches = iter(train_batches)
-    window: dict[str, float] = {}
-    window_time, window_steps = 0.0, 0
-    session_time, session_steps = 0.0, 0
-    while progress.step < total:
-        tic = time.perf_counter()
-        sums, out = step_fn(batches, loop.seed, progress.step)
-        step_sums = {k: v.item() for k, v in sums.items()}
-        elapsed = time.perf_counter() - tic
-        progress.step += 1
-        progress.train_time += elapsed
-        window_time, session_time = window_time + elapsed, session_time + elapsed
-        window_steps, session_steps = window_steps + 1, session_steps + 1
-        step_loss = step_sums["loss"] / max(step_sums["weight"], 1e-12)
-        if not math.isfinite(step_loss):
-            raise NonFiniteLoss(
-                f"loss became {'NaN' if math.isnan(step_loss) else 'infinite'} at step "
-                f"{progress.step}; lower the learning rate (now {opt.learning_rate:g})"
-                + ("" if opt.grad_clip_norm else " or set optimizer.grad_clip_norm")
-            )
-        for k, v in step_sums.items():
-            window[k] = window.get(k, 0.0) + v
-
-        last = progress.step == total
-        stop = not last and should_stop()
-        report_due = last or progress.step % loop.steps_per_report == 0
-        eval_due = loop.steps_per_eval > 0 and (last or progress.step % loop.steps_per_eval == 0)
-        ckpt_due = (
-            last
-            or stop
-            or (loop.steps_per_checkpoint > 0 and progress.step % loop.steps_per_checkpoint == 0)
-        )
-        if report_due or ckpt_due:  # checkpoints carry up-to-date metrics and token counts
-            progress.metrics.update(_window_metrics(window, window_time, window_steps, n_proc))
-            progress.tokens += int(round(progress.metrics.pop("_tokens")))
-            progress.metrics["learning_rate"] = learning_rate(optimizer)
-            progress.metrics["peak_memory_gb"] = mx.get_peak_memory() / 1e9
-            if "grad_norm" in out:
-                progress.metrics["grad_norm"] = out["grad_norm"].item()
-            window, window_time, window_steps = {}, 0.0, 0
-        if eval_due:
-            validate()
-        if (report_due or eval_due) and is_main:
-            ctx.report(
-                Report(
-                    step=progress.step,
-                    total_steps=total,
-                    metrics=dict(progress.metrics),
-                    epoch=float(getattr(train_batches, "epoch", 0.0)),
-                    tokens=progress.tokens,
-                    eta_seconds=(total - progress.step) * session_time / session_steps,
-                )
-            )
-        if ckpt_due:
-            save()
-        if stop:
-            raise Interrupted(f"stopped on request at step {progress.step}")
-
-    if session_steps == 0:
-        # Resumed from the last checkpoint: nothing left to train.
-        last_ckpt = checkpoints.info(Path(ctx.resume_from)) if ctx.resume_from else save()
+    done = run_steps(
+        strategy,
+        model=model,
+        optimizer=optimizer,
+        loop=loop,
+        opt=opt,
+        ctx=ctx,
+        artifact=artifact,
+        total=total,
+    )
+    progress = done.progress
     final = dict(progress.metrics)
     final["tokens"] = float(progress.tokens)
     final["train_time_s"] = progress.train_time
     final["tokens_per_second"] = progress.tokens / max(progress.train_time, 1e-9)
     final["steps"] = float(progress.step)
     final.pop("steps_per_second", None)
-    return TrainResult(step=progress.step, metrics=final, checkpoint=last_ckpt)
+    return TrainResult(step=progress.step, metrics=final, checkpoint=done.checkpoint)

@@ -8,13 +8,16 @@ A checkpoint directory holds the model (written by the trainer's artifact) and, 
                             (``batches.state()``) and extra trainer state
                             (``extra.state()``, e.g. an adaptive KL controller)
 
-RNG: the shared loop derives its dropout keys from (seed, step), so a run resumed at step k
-draws what an uninterrupted one draws from step k on and needs no file for it; a loop that
-carries a key (PPO / GRPO rollout sampling) saves it in its extra state.
+RNG: randomness inside a step derives from (seed, step) (dropout keys in the batch step,
+PPO / GRPO minibatch shuffles and per-update seeds), so a run resumed at step k draws what
+an uninterrupted one draws from step k on and needs no file for it; state that is carried
+from step to step instead (the rollout sampling key, an adaptive KL controller) is the
+strategy's extra state.
 
-Both the shared loop (services.runtime.loop) and trainers with their own loop (PPO, GRPO)
-save and restore through ``write_trainer_state`` / ``restore``, so every method resumes the
-same way and reads the others' checkpoints the same way.
+The one loop (``services.runtime.steps.run_steps``) saves and restores through
+``write_trainer_state`` / ``restore`` with its strategy's ``data`` (the position) and
+``extra`` (a ``Stateful``), so every method resumes the same way and reads the others'
+checkpoints the same way.
 """
 
 from __future__ import annotations

@@ -3,25 +3,23 @@
 Dotted names for the job runner are in ``TRAINERS``. This module holds what the four share:
 loading the policy with its fine-tuning method, loading the frozen reference, writing a
 policy (plus an optional value/reward head) as an mlx-lm checkpoint directory, and, for the
-rollout trainers (PPO, GRPO) that run their own outer loop, checkpoints with trainer state in
-the shared loop's layout (so exact resume works the same way), reporting and stopping.
+rollout trainers (PPO, GRPO), their step strategy for the shared loop (services.runtime.steps:
+the same reports, checkpoints, stop and exact resume as every other method).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from services import registry
-from services.runtime import checkpoints, trainer_state
-from services.runtime.contract import CheckpointInfo, Interrupted, Report
-from services.runtime.loop_settings import LoopSettings
-from services.runtime.trainer_state import Progress
+from services.runtime import checkpoints
+from services.runtime.contract import CheckpointInfo, Report
+from services.runtime.steps import Artifact, StepOutput, run_steps
 
 TRAINERS = {m.name: m.trainer for m in registry.of_service("rlhf")}
 
@@ -150,99 +148,82 @@ class RLState:
             self.kl.restore(state["kl"])
 
 
-class Checkpointer:
-    """Saves policy (+ head) and trainer state like the shared loop; restores on resume."""
+class RolloutStrategy:
+    """One PPO / GRPO iteration as a step of the shared loop (services.runtime.steps).
 
-    def __init__(self, ctx, policy, optimizer, prompts, extra, cfg_dict, head_kind, keep):
-        self.ctx, self.policy, self.optimizer = ctx, policy, optimizer
-        self.prompts, self.extra, self.cfg, self.head_kind = prompts, extra, cfg_dict, head_kind
-        self.keep = keep
-        self.last: CheckpointInfo | None = None
+    ``iteration(step, prompt_batch) -> (metrics, tokens)`` samples completions for the next
+    rollout batch of ``prompts``, scores them and runs its updates; it returns that
+    iteration's metrics (already reduced over ranks; each must stay finite) and the tokens
+    it sampled over all ranks. Reports average the metrics over the iterations since the
+    last report. ``on_start`` runs once after any restore, before the first iteration."""
 
-    def restore(self) -> Progress:
-        if self.ctx.resume_from is None:
-            return Progress()
-        path = Path(self.ctx.resume_from)
-        model = self.policy.model
-        progress = trainer_state.restore(path, model, self.optimizer, self.prompts, self.extra)
-        self.ctx.log(f"resumed from {path} at step {progress.step}")
-        self.last = checkpoints.info(path)
-        return progress
+    validates = False  # rollouts hold no prompts out
+    report_at_checkpoints = True  # iterations are slow and few: report every saved one
 
-    def save(self, progress: Progress) -> CheckpointInfo | None:
-        if not self.ctx.is_main:
-            return None
+    def __init__(
+        self,
+        iteration: Callable[[int, dict], tuple[dict[str, float], int]],
+        prompts: Any,
+        extra: RLState,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        self.iteration, self.data, self.extra, self.on_start = iteration, prompts, extra, on_start
 
-        def write(tmp: Path) -> None:
-            write_policy(tmp, self.policy, head_kind=self.head_kind)
-            trainer_state.write_trainer_state(
-                tmp / checkpoints.TRAINER_STATE, self.optimizer, progress, self.prompts, self.extra
-            )
+    def start(self) -> None:
+        self.prompts = iter(self.data)  # after any restore: at the saved prompt position
+        if self.on_start is not None:
+            self.on_start()
 
-        manifest = {
-            "job_id": self.ctx.job_id,
-            "kind": self.policy.kind,
-            "base_model": self.policy.base,
-            "config": self.cfg,
-            "metrics": progress.metrics,
-        }
-        root = Path(self.ctx.output_dir) / checkpoints.CHECKPOINTS
-        self.last = checkpoints.save(root, progress.step, write, manifest, self.keep)
-        self.ctx.checkpoint_written(self.last)
-        return self.last
+    def step(self, step: int) -> StepOutput:
+        metrics, tokens = self.iteration(step, next(self.prompts))
+        return StepOutput({**metrics, _TOKENS: float(tokens)}, watch=metrics)
+
+    def summarize(self, window: dict, seconds: float, steps: int) -> tuple[dict, int]:
+        metrics = {k: v / steps for k, v in window.items() if k != _TOKENS}
+        return metrics, int(window.get(_TOKENS, 0))
+
+    def validate(self) -> dict[str, float]:
+        return {}
 
 
-def outer_loop(ctx, loop: LoopSettings, total: int, progress: Progress, ckpt, one_step) -> None:
-    """Steps to ``total``: report every ``steps_per_report``, checkpoint every
-    ``steps_per_checkpoint`` and at the end; on ``ctx.should_stop()`` save and stop."""
-    window: dict[str, float] = {}
-    n_window = 0
-    session_time, session_steps = 0.0, 0
-    while progress.step < total:
-        tic = time.perf_counter()
-        metrics, ntokens = one_step(progress.step)
-        elapsed = time.perf_counter() - tic
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
-            raise RuntimeError(f"{bad[0]} became {metrics[bad[0]]} at step {progress.step + 1}")
-        progress.step += 1
-        progress.tokens += ntokens
-        progress.train_time += elapsed
-        session_time, session_steps = session_time + elapsed, session_steps + 1
-        for k, v in metrics.items():
-            window[k] = window.get(k, 0.0) + v
-        n_window += 1
-        last = progress.step == total
-        stop = not last and bool(ctx.should_stop())
-        every = loop.steps_per_checkpoint
-        ckpt_due = last or stop or (every > 0 and progress.step % every == 0)
-        if last or stop or ckpt_due or progress.step % loop.steps_per_report == 0:
-            progress.metrics = {k: v / n_window for k, v in window.items()}
-            window, n_window = {}, 0
-            ctx.report(
-                Report(
-                    step=progress.step,
-                    total_steps=total,
-                    metrics=dict(progress.metrics),
-                    epoch=float(getattr(ckpt.prompts, "epoch", 0.0)),
-                    tokens=progress.tokens,
-                    eta_seconds=(total - progress.step) * session_time / session_steps,
-                )
-            )
-        if ckpt_due:
-            ckpt.save(progress)
-        if stop:
-            raise Interrupted(f"stopped on request at step {progress.step}")
+_TOKENS = "_tokens"
 
 
-def finish(ctx, ckpt: Checkpointer, progress: Progress, kind: str) -> CheckpointInfo:
+def train_rollouts(
+    strategy: RolloutStrategy,
+    ctx,
+    policy: Policy,
+    optimizer,
+    cfg,
+    total: int,
+    resolved: dict,
+    head_kind: str | None,
+) -> CheckpointInfo:
+    """Run ``strategy`` to ``total`` iterations with the shared loop (checkpoints hold the
+    policy, its ``head_kind`` head and the trainer state) and publish the final policy.
+    ``cfg`` is the trainer's config (its ``loop`` and ``optimizer`` sections)."""
+    artifact = Artifact(
+        kind=policy.kind,
+        write=lambda dst: write_policy(dst, policy, head_kind=head_kind),
+        base_model=policy.base,
+        config=resolved,
+    )
+    done = run_steps(
+        strategy,
+        model=policy.model,
+        optimizer=optimizer,
+        loop=cfg.loop,
+        opt=cfg.optimizer,
+        ctx=ctx,
+        artifact=artifact,
+        total=total,
+    )
+    progress = done.progress
     metrics = {**progress.metrics, "steps": float(progress.step)}
     metrics["train_time_s"] = progress.train_time
-    if not ctx.is_main:  # data-parallel ranks > 0: rank 0 publishes
-        return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, kind, progress.step)
-    if ckpt.last is None:
-        ckpt.save(progress)
-    final = checkpoints.publish(ckpt.last.path, Path(ctx.output_dir), metrics)
+    if not ctx.is_main or done.checkpoint is None:  # data-parallel ranks > 0: rank 0 publishes
+        return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, policy.kind, progress.step)
+    final = checkpoints.publish(done.checkpoint.path, Path(ctx.output_dir), metrics)
     ctx.checkpoint_written(final)
     return final
 

@@ -41,13 +41,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from services.rlhf.trainers import (
-    Checkpointer,
     RLState,
-    finish,
+    RolloutStrategy,
     load_policy,
     load_reference,
-    outer_loop,
     run_cli,
+    train_rollouts,
 )
 from services.rlhf.trainers.data_parallel import (
     check_data_parallel,
@@ -68,10 +67,7 @@ from services.rlhf.trainers.ppo import (
     check_prompt_format,
     make_update,
     minibatches,
-    prompt_data,
-    reference_logps,
     reward_fn,
-    sample,
     take,
 )
 from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
@@ -80,8 +76,11 @@ from services.rlhf.trainers.rollout import (
     RolloutRNG,
     RolloutSettings,
     completion_logits,
+    prompt_data,
     record,
     recorder,
+    reference_logps,
+    sample,
 )
 from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
@@ -203,19 +202,16 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     seed = loop.seed if cfg.rollout.sampling.seed is None else cfg.rollout.sampling.seed
     extra = RLState(RolloutRNG(seed))
     resolved = {"trainer": "grpo", **cfg.to_dict(), "resolved_reference": ref_cfg}
-    ckpt = Checkpointer(
-        ctx, policy, optimizer, prompts, extra, resolved, None, loop.keep_last_checkpoints
-    )
-    progress = ckpt.restore()
     clip = cfg.optimizer.grad_clip_norm
     update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
-    prompt_iter = iter(prompts)
     minibatch = loop.batch_size // world.size()  # this rank's share
     hook = recorder(ctx)
-    record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
 
-    def one_step(step: int) -> tuple[dict[str, float], int]:
-        got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter), group=G, world=world)
+    def record_start() -> None:  # after any restore: the weights the first update starts from
+        record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
+
+    def iteration(step: int, prompt_batch: dict) -> tuple[dict[str, float], int]:
+        got = sample(policy, cfg.rollout, extra.rng, prompt_batch, group=G, world=world)
         batch, ids = got.batch, got.ids
         tic = time.perf_counter()
         rewards = np.asarray(score(got.prompts, ids, got.texts), np.float32)
@@ -284,8 +280,8 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         )
         return metrics, int(round(metrics.pop("tokens")))
 
-    outer_loop(ctx, loop, total, progress, ckpt, one_step)
-    return finish(ctx, ckpt, progress, policy.kind)
+    strategy = RolloutStrategy(iteration, prompts, extra, on_start=record_start)
+    return train_rollouts(strategy, ctx, policy, optimizer, cfg, total, resolved, None)
 
 
 def main(argv: list[str] | None = None) -> int:

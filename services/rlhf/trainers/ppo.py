@@ -47,23 +47,18 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from services.rlhf.trainers import (
-    Checkpointer,
-    Policy,
     RLState,
-    eos_ids,
-    finish,
+    RolloutStrategy,
     heads,
     load_policy,
     load_reference,
-    outer_loop,
-    pad_id,
     run_cli,
+    train_rollouts,
 )
 from services.rlhf.trainers.data_parallel import (
     check_data_parallel,
     gather_rows,
     mean_over_ranks,
-    rank_key,
     whiten_global,
 )
 from services.rlhf.trainers.kl import make_kl_controller
@@ -85,18 +80,16 @@ from services.rlhf.trainers.rewards import (
     parse_reward_function,
 )
 from services.rlhf.trainers.rollout import (
-    Rollout,
     RolloutRNG,
     RolloutSettings,
     completion_logits,
     gather_positions,
-    generate,
-    pack,
+    prompt_data,
     record,
     recorder,
-    strip_eos,
+    reference_logps,
+    sample,
 )
-from services.runtime import datasets
 from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.errors import Violations
@@ -243,71 +236,6 @@ def take(batch: dict[str, mx.array], idx: np.ndarray) -> dict[str, mx.array]:
     return {k: v[rows] for k, v in batch.items()}
 
 
-@dataclass
-class Sampled:
-    batch: dict[str, mx.array]  # pack() arrays
-    ids: list[list[int]]  # completion ids, end-of-sequence stripped
-    texts: list[str]
-    prompts: list[Any]  # the raw prompt of each row (repeated per group)
-    seconds: float
-    rollout: Rollout | None = None  # the token ids as sampled (completions keep their EOS)
-
-
-def sample(
-    policy: Policy,
-    rollout: RolloutSettings,
-    rng: RolloutRNG,
-    prompt_batch: dict,
-    group: int = 1,
-    world=None,
-) -> Sampled:
-    """Generate ``group`` completions per prompt of a PromptBatches batch (this rank's)."""
-    tic = time.perf_counter()
-    tokens = [p for p in prompt_batch["tokens"] for _ in range(group)]
-    raw = [p for p in prompt_batch["prompts"] for _ in range(group)]
-    eos = eos_ids(policy.tokenizer)
-    out = generate(
-        policy.model,
-        tokens,
-        rollout.sampling,
-        rank_key(rng.next(), world or mx.distributed.init()),
-        eos_ids=eos,
-        pad_id=pad_id(policy.tokenizer),
-        tokenizer=policy.tokenizer,
-    )
-    ids = [strip_eos(c, eos) for c in out.completion_ids]
-    texts = [policy.tokenizer.decode(c) for c in ids]
-    batch = pack(out.prompt_ids, out.completion_ids, pad_id(policy.tokenizer))
-    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic, out)
-
-
-def reference_logps(reference: nn.Module, batch: dict, temperature: float) -> mx.array:
-    logits = completion_logits(reference(batch["inputs"]), batch, temperature)
-    return mx.stop_gradient(token_logps(logits, batch["tokens"]))
-
-
-def prompt_data(cfg, tokenizer, world) -> Any:
-    """Prompt batches over every prompt row: rollouts hold nothing out for validation."""
-    loop = cfg.loop
-    ref = {**cfg.dataset.to_dict(), "valid_fraction": 0.0, "valid_path": ""}
-    data = datasets.prepare(
-        ref,
-        tokenizer,
-        allowed_formats=("prompt",),
-        max_seq_length=loop.max_seq_length,  # prompts keep their last tokens
-        mask_prompt=None,
-        seed=loop.seed,
-    )
-    return data.batches(
-        "train",
-        cfg.rollout.batch_size,
-        seed=loop.seed,
-        rank=world.rank(),
-        world_size=world.size(),
-        field="spec.rollout.batch_size",
-    )
-
-
 # ---- PPO ----
 
 
@@ -369,19 +297,16 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     seed = loop.seed if cfg.rollout.sampling.seed is None else cfg.rollout.sampling.seed
     extra = RLState(RolloutRNG(seed), kl_ctl)
     resolved = {"trainer": "ppo", **cfg.to_dict(), "resolved_reference": ref_cfg}
-    ckpt = Checkpointer(
-        ctx, policy, optimizer, prompts, extra, resolved, "value", loop.keep_last_checkpoints
-    )
-    progress = ckpt.restore()
     clip = cfg.optimizer.grad_clip_norm
     update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
-    prompt_iter = iter(prompts)
     minibatch = cfg.minibatch_size // world.size()  # this rank's share
     hook = recorder(ctx)
-    record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
 
-    def one_step(step: int) -> tuple[dict[str, float], int]:
-        got = sample(policy, cfg.rollout, extra.rng, next(prompt_iter), world=world)
+    def record_start() -> None:  # after any restore: the weights the first update starts from
+        record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
+
+    def iteration(step: int, prompt_batch: dict) -> tuple[dict[str, float], int]:
+        got = sample(policy, cfg.rollout, extra.rng, prompt_batch, world=world)
         batch, ids, t_gen = got.batch, got.ids, got.seconds
         tic = time.perf_counter()
         scores = mx.array(score(got.prompts, ids, got.texts), mx.float32)
@@ -449,8 +374,8 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         )
         return metrics, int(round(metrics.pop("tokens")))
 
-    outer_loop(ctx, loop, total, progress, ckpt, one_step)
-    return finish(ctx, ckpt, progress, policy.kind)
+    strategy = RolloutStrategy(iteration, prompts, extra, on_start=record_start)
+    return train_rollouts(strategy, ctx, policy, optimizer, cfg, total, resolved, "value")
 
 
 def main(argv: list[str] | None = None) -> int:

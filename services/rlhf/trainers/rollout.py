@@ -5,13 +5,18 @@ caches its ``batch_generate`` uses), so one forward per new token serves the who
 Sampling draws from an explicit ``mx.random`` key rather than the global RNG: the key is
 the whole RNG state, is saved in every checkpoint, and a resumed run samples exactly the
 completions an uninterrupted one would have.
+
+Also what turns a prompt batch into training rows (``sample``: generate, decode, ``pack``),
+the prompt stream itself (``prompt_data``) and the reference model's log-probs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +25,10 @@ from mlx_lm.generate import _merge_caches
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
+from services.rlhf.trainers import Policy, eos_ids, pad_id
+from services.rlhf.trainers.data_parallel import rank_key
+from services.rlhf.trainers.losses import token_logps
+from services.runtime import datasets
 from services.runtime.errors import Violations
 from services.runtime.optim import DictConfig, zero_default
 
@@ -251,12 +260,81 @@ def strip_eos(ids: list[int], eos_ids) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
+# -- from prompts to sampled rows (PPO, GRPO) --------------------------------------------------
+
+
+@dataclass
+class Sampled:
+    batch: dict[str, mx.array]  # pack() arrays
+    ids: list[list[int]]  # completion ids, end-of-sequence stripped
+    texts: list[str]
+    prompts: list[Any]  # the raw prompt of each row (repeated per group)
+    seconds: float
+    rollout: Rollout | None = None  # the token ids as sampled (completions keep their EOS)
+
+
+def sample(
+    policy: Policy,
+    rollout: RolloutSettings,
+    rng: RolloutRNG,
+    prompt_batch: dict,
+    group: int = 1,
+    world=None,
+) -> Sampled:
+    """Generate ``group`` completions per prompt of a PromptBatches batch (this rank's)."""
+    tic = time.perf_counter()
+    tokens = [p for p in prompt_batch["tokens"] for _ in range(group)]
+    raw = [p for p in prompt_batch["prompts"] for _ in range(group)]
+    eos = eos_ids(policy.tokenizer)
+    out = generate(
+        policy.model,
+        tokens,
+        rollout.sampling,
+        rank_key(rng.next(), world or mx.distributed.init()),
+        eos_ids=eos,
+        pad_id=pad_id(policy.tokenizer),
+        tokenizer=policy.tokenizer,
+    )
+    ids = [strip_eos(c, eos) for c in out.completion_ids]
+    texts = [policy.tokenizer.decode(c) for c in ids]
+    batch = pack(out.prompt_ids, out.completion_ids, pad_id(policy.tokenizer))
+    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic, out)
+
+
+def reference_logps(reference: nn.Module, batch: dict, temperature: float) -> mx.array:
+    logits = completion_logits(reference(batch["inputs"]), batch, temperature)
+    return mx.stop_gradient(token_logps(logits, batch["tokens"]))
+
+
+def prompt_data(cfg, tokenizer, world) -> Any:
+    """Prompt batches over every prompt row: rollouts hold nothing out for validation."""
+    loop = cfg.loop
+    ref = {**cfg.dataset.to_dict(), "valid_fraction": 0.0, "valid_path": ""}
+    data = datasets.prepare(
+        ref,
+        tokenizer,
+        allowed_formats=("prompt",),
+        max_seq_length=loop.max_seq_length,  # prompts keep their last tokens
+        mask_prompt=None,
+        seed=loop.seed,
+    )
+    return data.batches(
+        "train",
+        cfg.rollout.batch_size,
+        seed=loop.seed,
+        rank=world.rank(),
+        world_size=world.size(),
+        field="spec.rollout.batch_size",
+    )
+
+
 # -- recording (the parity harness) ------------------------------------------------------------
 
-# PPO and GRPO run their own outer loop, so the shared loop's batch hook never sees their
-# updates. A caller that sets ``ctx.extra[RECORD]`` to a callable gets, as plain numpy, what
-# every update consumed: ``{"event": "start", "params": {...}}`` once (the trainable weights
-# before the first update: LoRA A, the value head), then per step ``{"event": "step",
+# PPO and GRPO updates run inside their iteration (RolloutStrategy), not through the batch
+# step, so the loop's batch hook never sees them. A caller that sets ``ctx.extra[RECORD]`` to
+# a callable gets, as plain numpy, what every update consumed: ``{"event": "start",
+# "params": {...}}`` once (the trainable weights before the first update: LoRA A, the value
+# head), then per step ``{"event": "step",
 # "step": k, "batch": pack() arrays, "scores": [B], "updates": [(row indices, loss), ...],
 # ...the trainer's own intermediates}``. bench/parity_rl.py replays those rollouts through
 # TRL's update; jobs never set it.
