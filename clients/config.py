@@ -10,23 +10,45 @@ Two vocabularies, freely mixed in one file:
 Precedence: overrides (CLI flags) > YAML. Two YAML keys that set the same field to different
 values are an error, except mlx-lm's own rule that ``lr_schedule`` beats ``learning_rate``.
 Unknown keys are an error naming the key.
+
+Three modules: config_normalize.py reads YAML and checks a dict against any message,
+config_mlxlm.py maps mlx-lm's keys; this one builds specs, pipelines and local paths with
+them, and re-exports their public names.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
-from mlx_unified.v1 import common_pb2, orchestrator_pb2
+from clients.config_mlxlm import (  # noqa: F401 - re-exported
+    ALIASES,
+    IGNORED,
+    UNSUPPORTED,
+    Alias,
+    Fragment,
+    _Ctx,
+)
+from clients.config_normalize import (  # noqa: F401 - re-exported
+    ConfigError,
+    _field,
+    _flatten,
+    _is_map,
+    _nest,
+    _suggest,
+    enum_name,
+    load_yaml,
+    normalize,
+    parse_scalar,
+    parse_yaml,
+)
+from mlx_unified.v1 import orchestrator_pb2
 from services import registry
 
 # kind -> (spec message, the field mlx-lm's `model` key means), from services.registry
@@ -35,377 +57,10 @@ KINDS: dict[str, tuple[type[Message], str]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A config problem, naming the key as the user wrote it."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}" if key else problem)
-        self.key = key
-        self.problem = problem
-
-
 @dataclass(frozen=True)
 class Built:
     spec: Message
     notes: tuple[str, ...] = ()  # keys accepted but ignored, precedence decisions
-
-
-# PyYAML reads "1e-5" as a string (YAML 1.1); mlx-lm patches the global SafeLoader, we subclass.
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str, source: str = "config") -> dict[str, Any]:
-    try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
-        raise ConfigError(source, f"invalid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(source, "the top level must be a mapping of keys to values")
-    return data
-
-
-def parse_scalar(text: str) -> Any:
-    """A flag value as YAML reads it ("10" -> 10, "1e-4" -> 0.0001, "[a, b]" -> list); text
-    YAML cannot read stays a string."""
-    try:
-        return yaml.load(text, Loader=_Loader) if text.strip() else text  # noqa: S506
-    except yaml.YAMLError:
-        return text
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(str(path), f"cannot read config file ({e.strerror or e})") from None
-    return parse_yaml(text, str(path))
-
-
-# ---- generic normalisation against a message descriptor --------------------------------
-
-_ENUM_ALIASES = {
-    "mlx_unified.v1.LrSchedule": {"COSINE_DECAY": "COSINE", "LINEAR_SCHEDULE": "LINEAR"},
-    "mlx_unified.v1.DatasetFormat": {"MESSAGES": "CHAT", "COMPLETIONS": "COMPLETION"},
-    "mlx_unified.v1.Divergence": {"KL": "FORWARD_KL", "FKL": "FORWARD_KL", "RKL": "REVERSE_KL"},
-    "mlx_unified.v1.StageKind": {"DISTILLATION": "DISTILL", "REWARD": "REWARD_MODEL"},
-}
-
-
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.7)
-    if close:
-        return f"did you mean '{close[0]}'?"
-    return f"known: {', '.join(sorted(set(choices)))}"
-
-
-def enum_name(enum: EnumDescriptor, value: Any, where: str) -> str:
-    """A short or full enum name (any case, '-' or '_') or number -> the full value name."""
-    unspecified = next((v.name for v in enum.values if v.number == 0), "")
-    prefix = unspecified[: -len("UNSPECIFIED")] if unspecified.endswith("UNSPECIFIED") else ""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value in enum.values_by_number:
-            return enum.values_by_number[value].name
-    elif isinstance(value, str):
-        s = value.strip().upper().replace("-", "_").replace(" ", "_")
-        s = _ENUM_ALIASES.get(enum.full_name, {}).get(s, s)
-        for cand in (s, prefix + s):
-            if cand in enum.values_by_name:
-                return cand
-    short = [v.name[len(prefix) :].lower() for v in enum.values if v.number != 0]
-    raise ConfigError(where, f"invalid value {value!r}; one of: {', '.join(short)}")
-
-
-# A plain string is accepted for these messages, meaning the one field named here.
-_STRING_SHORTCUT = {
-    "mlx_unified.v1.ModelRef": "model",
-    "mlx_unified.v1.DatasetRef": "path",
-    "mlx_unified.v1.OptimizerConfig": "name",
-    "mlx_unified.v1.RewardSource": "reward_function",
-}
-
-
-def _field(desc: Descriptor, key: str) -> FieldDescriptor | None:
-    f = desc.fields_by_name.get(key)
-    if f is None:
-        f = next((x for x in desc.fields if x.json_name == key), None)
-    return f
-
-
-def normalize(desc: Descriptor, value: Any, where: str = "") -> dict[str, Any]:
-    """Check keys and coerce values of a JSON-shaped dict for ``desc`` (ParseDict-ready)."""
-    if not isinstance(value, Mapping):
-        raise ConfigError(where, f"expected a mapping, got {type(value).__name__}")
-    out: dict[str, Any] = {}
-    for key, v in value.items():
-        key = str(key)
-        sub = f"{where}.{key}" if where else key
-        f = _field(desc, key)
-        if f is None:
-            raise ConfigError(sub, f"unknown key ({_suggest(key, list(desc.fields_by_name))})")
-        if v is not None:  # YAML null = leave unset (mlx-lm configs write `key: null`)
-            out[f.name] = _value(f, v, sub)
-    return out
-
-
-def _is_map(f: FieldDescriptor) -> bool:
-    return f.type == f.TYPE_MESSAGE and f.message_type.GetOptions().map_entry
-
-
-def _value(f: FieldDescriptor, v: Any, where: str) -> Any:
-    if _is_map(f):
-        if not isinstance(v, Mapping):
-            raise ConfigError(where, "expected a mapping")
-        vf = f.message_type.fields_by_name["value"]
-        return {str(k): _single(vf, x, f"{where}.{k}") for k, x in v.items()}
-    if f.is_repeated:
-        items = v if isinstance(v, list | tuple) else [v]
-        return [_single(f, x, f"{where}[{i}]") for i, x in enumerate(items)]
-    return _single(f, v, where)
-
-
-def _single(f: FieldDescriptor, v: Any, where: str) -> Any:
-    if f.type == f.TYPE_MESSAGE:
-        mt = f.message_type
-        if mt.full_name.startswith("google.protobuf."):
-            return v  # Struct / Timestamp: json_format's own rules
-        if isinstance(v, str) and mt.full_name in _STRING_SHORTCUT:
-            v = {_STRING_SHORTCUT[mt.full_name]: v}
-        if mt.full_name == "mlx_unified.v1.Teacher" and isinstance(v, str):
-            v = {"model": v}
-        return normalize(mt, v, where)
-    if f.type == f.TYPE_ENUM:
-        return enum_name(f.enum_type, v, where)
-    return _scalar(f, v, where)
-
-
-def _scalar(f: FieldDescriptor, v: Any, where: str) -> Any:
-    cpp = f.cpp_type
-    if cpp == f.CPPTYPE_BOOL:
-        if isinstance(v, bool):
-            return v
-        if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return v.lower() in ("true", "yes", "1")
-        raise ConfigError(where, f"expected true or false, got {v!r}")
-    if cpp == f.CPPTYPE_STRING:
-        if isinstance(v, str | int | float) and not isinstance(v, bool):
-            return str(v)
-        raise ConfigError(where, f"expected a string, got {v!r}")
-    if cpp in (f.CPPTYPE_DOUBLE, f.CPPTYPE_FLOAT):
-        try:
-            if isinstance(v, bool):
-                raise ValueError
-            return float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(where, f"expected a number, got {v!r}") from None
-    # Integers: accept 100, 100.0 and "100", not 1.5 or true.
-    try:
-        if isinstance(v, bool):
-            raise ValueError
-        n = float(v) if isinstance(v, str) and not v.strip().lstrip("-").isdigit() else v
-        if isinstance(n, float) and not n.is_integer():
-            raise ValueError
-        return int(n)
-    except (TypeError, ValueError):
-        raise ConfigError(where, f"expected an integer, got {v!r}") from None
-
-
-def _flatten(desc: Descriptor, d: Mapping[str, Any], prefix: tuple[str, ...] = ()):
-    """Leaf assignments of a normalised dict; lists, maps and well-known types are leaves."""
-    for key, v in d.items():
-        f = desc.fields_by_name[key]
-        nested = (
-            f.type == f.TYPE_MESSAGE
-            and not f.is_repeated
-            and not f.message_type.full_name.startswith("google.protobuf.")
-            and isinstance(v, Mapping)
-        )
-        if nested and v:
-            yield from _flatten(f.message_type, v, (*prefix, key))
-        elif not nested:
-            yield (*prefix, key), v
-
-
-def _nest(path: tuple[str, ...] | list[str], value: Any) -> dict[str, Any]:
-    out: Any = value
-    for part in reversed(path):
-        out = {part: out}
-    return out
-
-
-# ---- mlx-lm aliases ---------------------------------------------------------------------
-
-
-@dataclass
-class _Ctx:
-    kind: str
-    primary: str  # the model field: model / student / policy
-    data: Mapping[str, Any]
-    notes: list[str]
-
-
-Fragment = tuple[dict[str, Any], int]  # (JSON-shaped spec fragment, priority)
-Alias = Callable[[Any, _Ctx], list[Fragment]]
-
-
-def _to(*path: str) -> Alias:
-    return lambda v, ctx: [(_nest(path, v), 0)]
-
-
-def _adapter_dir(v: Any, ctx: _Ctx) -> list[Fragment]:
-    p = str(v)
-    if p.endswith(".safetensors"):  # mlx-lm names the file; we take its directory
-        p = str(Path(p).parent)
-    return [({ctx.primary: {"adapter_path": p}}, 0)]
-
-
-def _lora_parameters(v: Any, ctx: _Ctx) -> list[Fragment]:
-    desc = common_pb2.LoraConfig.DESCRIPTOR
-    return [({"lora": normalize(desc, v, "lora_parameters")}, 0)]
-
-
-def _optimizer_name(ctx: _Ctx) -> str:
-    opt = ctx.data.get("optimizer", "adam")  # mlx-lm's default
-    if isinstance(opt, Mapping):
-        opt = opt.get("name", "adam")
-    return str(opt).lower()
-
-
-def _optimizer_config(v: Any, ctx: _Ctx) -> list[Fragment]:
-    if not isinstance(v, Mapping):
-        raise ConfigError("optimizer_config", "expected a mapping of optimizer name -> settings")
-    name = _optimizer_name(ctx)
-    others = [k for k in v if k != name]
-    if others:
-        ctx.notes.append(f"optimizer_config: ignoring sections {others} (optimizer is {name})")
-    section = v.get(name) or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError(f"optimizer_config.{name}", "expected a mapping")
-    out: dict[str, Any] = {}
-    for key, x in section.items():
-        where = f"optimizer_config.{name}.{key}"
-        if key == "betas":
-            if not isinstance(x, list | tuple) or len(x) != 2:
-                raise ConfigError(where, "expected [beta1, beta2]")
-            out["beta1"], out["beta2"] = x
-        elif key in ("eps", "weight_decay", "momentum", "bias_correction"):
-            out[key] = x
-        else:
-            known = "betas, eps, weight_decay, momentum, bias_correction"
-            raise ConfigError(where, f"unknown key (known: {known})")
-    return [({"optimizer": out}, 0)]
-
-
-_SCHEDULES = {"cosine_decay": "COSINE", "linear_schedule": "LINEAR", "constant": "CONSTANT"}
-
-
-def _lr_schedule(v: Any, ctx: _Ctx) -> list[Fragment]:
-    if not isinstance(v, Mapping):
-        raise ConfigError("lr_schedule", "expected a mapping {name, arguments, warmup}")
-    extra = set(v) - {"name", "arguments", "warmup", "warmup_init"}
-    if extra:
-        raise ConfigError(f"lr_schedule.{sorted(extra)[0]}", "unknown key")
-    name = str(v.get("name", ""))
-    if name not in _SCHEDULES:
-        raise ConfigError("lr_schedule.name", f"unsupported {name!r}; one of {list(_SCHEDULES)}")
-    args = list(v.get("arguments") or [])
-    opt: dict[str, Any] = {"schedule": _SCHEDULES[name]}
-    if v.get("warmup"):
-        opt["warmup_steps"] = v["warmup"]
-    if v.get("warmup_init"):
-        ctx.notes.append("lr_schedule.warmup_init: ignored (warmup starts from 0)")
-    # mlx-lm: cosine_decay(init, decay_steps, end), linear_schedule(init, end, steps).
-    end_index = {"cosine_decay": 2, "linear_schedule": 1}.get(name)
-    try:
-        init = float(args[0]) if args else None
-        if init and end_index is not None and len(args) > end_index:
-            opt["min_lr_ratio"] = float(args[end_index]) / init
-    except (TypeError, ValueError):
-        raise ConfigError("lr_schedule.arguments", f"expected numbers, got {args!r}") from None
-    frags: list[Fragment] = [({"optimizer": opt}, 0)]
-    if init is not None:
-        # As in mlx-lm, the schedule's initial value is the learning rate.
-        frags.append(({"optimizer": {"learning_rate": init}}, 1))
-    return frags
-
-
-def _teacher(v: Any, ctx: _Ctx) -> list[Fragment]:
-    items = v if isinstance(v, list) else [v]
-    return [({"teachers": [{"model": x} if isinstance(x, str) else x for x in items]}, 0)]
-
-
-def _model(v: Any, ctx: _Ctx) -> list[Fragment]:
-    return [({ctx.primary: v}, 0)]
-
-
-_LOOP_KEYS = (  # noqa: SIM905 - a word list reads better than 14 quoted strings
-    "batch_size grad_accumulation_steps max_steps epochs max_seq_length seed steps_per_report "
-    "steps_per_eval val_batches steps_per_checkpoint keep_last_checkpoints grad_checkpoint "
-    "mask_prompt dtype"
-).split()
-_OPT_KEYS = ["learning_rate", "weight_decay", "warmup_steps", "grad_clip_norm", "min_lr_ratio"]
-
-# alias -> (top-level spec field it needs, how it maps)
-ALIASES: dict[str, tuple[str, Alias]] = {
-    **{k: ("loop", _to("loop", k)) for k in _LOOP_KEYS},
-    **{k: ("optimizer", _to("optimizer", k)) for k in _OPT_KEYS},
-    "iters": ("loop", _to("loop", "max_steps")),
-    "save_every": ("loop", _to("loop", "steps_per_checkpoint")),
-    "warmup": ("optimizer", _to("optimizer", "warmup_steps")),
-    "grad_clip": ("optimizer", _to("optimizer", "grad_clip_norm")),
-    "max_grad_norm": ("optimizer", _to("optimizer", "grad_clip_norm")),
-    "optimizer_config": ("optimizer", _optimizer_config),
-    "lr_schedule": ("optimizer", _lr_schedule),
-    "data": ("dataset", _to("dataset", "path")),
-    "valid_data": ("dataset", _to("dataset", "valid_path")),
-    "fine_tune_type": ("method", _to("method")),
-    "num_layers": ("lora", _to("lora", "num_layers")),
-    "lora_parameters": ("lora", _lora_parameters),
-    "adapter_path": ("output_name", _to("output_name")),
-    "resume_adapter_file": ("", _adapter_dir),
-    "adapter": ("", _adapter_dir),
-    "model": ("", _model),
-    "teacher": ("teachers", _teacher),
-    "reward_model": ("reward", _to("reward", "reward_model")),
-    "reward_function": ("reward", _to("reward", "reward_function")),
-    "bits": ("quantization", _to("quantization", "bits")),
-    "group_size": ("quantization", _to("quantization", "group_size")),
-    "q_bits": ("quantization", _to("quantization", "bits")),
-    "q_group_size": ("quantization", _to("quantization", "group_size")),
-}
-
-# mlx-lm keys that mean nothing here: accepted with a note so mlx-lm configs still load.
-IGNORED = {
-    "train": "mlxu train always trains",
-    "test": "run evaluation separately",
-    "test_batches": "run evaluation separately",
-    "report_to": "metrics stream through the job's events",
-    "project_name": "metrics stream through the job's events",
-    "wandb": "metrics stream through the job's events",
-    "clear_cache_threshold": "the trainer manages its cache",
-    "trust_remote_code": "models load without remote code",
-    "config": "nested config files are not supported",
-}
-UNSUPPORTED = {
-    "hf_dataset": "no hub datasets at run time; export it to JSONL and set `data`",
-}
 
 
 # ---- building a spec --------------------------------------------------------------------

@@ -15,6 +15,10 @@ optionally valid.jsonl / test.jsonl (as mlx-lm). Rendering follows mlx_lm/tuner/
 chat and completion go through the chat template, and with mask_prompt the loss starts after
 the template of all but the last message (plus the generation prompt), as mlx-lm computes it.
 
+This module is the entry point (split, prepare, PreparedData, unpair). Reading and checking
+rows lives in data_rows.py, rendering and tokenizing in data_tokenize.py, batching in
+data_batches.py; every name in ``__all__`` stays importable from here.
+
     data = prepare({"path": "data/"}, tokenizer, allowed_formats=("chat", "completion"),
                    max_seq_length=512, mask_prompt=None, seed=0)
     for batch in data.batches("train", 8, seed=0): ...
@@ -22,8 +26,6 @@ the template of all but the last message (plus the generation prompt), as mlx-lm
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from services.runtime import paths
 from services.runtime.data_batches import (
     Batches,
     PreferenceBatches,
@@ -44,7 +45,16 @@ from services.runtime.data_batches import (
     bucket_for,
     buckets,
 )
-from services.runtime.errors import InvalidArgument
+from services.runtime.data_rows import (
+    FORMATS,
+    _fail,
+    detect_format,
+    load_dir,
+    load_rows,
+    normalize_format,
+    validate_rows,
+)
+from services.runtime.data_tokenize import has_chat_template, tokenize_rows
 
 __all__ = [
     "FORMATS",
@@ -72,399 +82,7 @@ __all__ = [
     "validate_rows",
 ]
 
-FORMATS = ("text", "chat", "completion", "preference", "prompt", "unpaired_preference")
-_REQUIRED = {
-    "text": ("text",),
-    "chat": ("messages",),
-    "completion": ("prompt", "completion"),
-    "preference": ("prompt", "chosen", "rejected"),
-    "prompt": ("prompt",),
-    "unpaired_preference": ("prompt", "completion", "label"),
-}
 DEFAULT_VALID_FRACTION = 0.1
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _fail(field_name: str, description: str) -> InvalidArgument:
-    return InvalidArgument.one(field_name, description)
-
-
-def _json_error(line: int, e: json.JSONDecodeError) -> str:
-    return f"line {line}: invalid JSON ({e.msg}: column {e.colno})"
-
-
-def load_rows(
-    path: Path, field: str, roots: tuple[Path, ...] | None = None
-) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, a JSON list, or a JSON object {"examples": [...]}.
-
-    The file is opened confined to ``roots`` (default: the roots this process was started
-    with, see paths.process_roots) and checked by the real path of the open descriptor."""
-    path = Path(path)
-    roots = roots if roots is not None else paths.process_roots()
-    with paths.open_confined(path, roots, field) as fh:
-        data = fh.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise _fail(field, f"{path.name} is not UTF-8 text (byte {e.start})") from None
-    if not text.strip():
-        raise _fail(field, f"{path.name} is empty")
-    lines = text.splitlines()
-    first = next(ln for ln in lines if ln.strip())
-    if first.lstrip().startswith("{") and _parses(first):
-        rows = _jsonl(lines, field)
-        if len(rows) == 1 and isinstance(rows[0].get("examples"), list):
-            rows = rows[0]["examples"]
-        return _listed(rows, path, field)
-    # A JSON document spread over lines: errors point into it.
-    try:
-        whole = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _fail(field, _json_error(e.lineno, e)) from None
-    except RecursionError:
-        raise _fail(field, f"{path.name}: JSON nested too deeply") from None
-    if isinstance(whole, dict):
-        whole = whole.get("examples", [whole])
-        if not isinstance(whole, list):
-            raise _fail(field, '"examples" must be a list of rows')
-    if not isinstance(whole, list):
-        raise _fail(field, 'expected JSON lines, a JSON list or {"examples": [...]}')
-    return _listed(whole, path, field)
-
-
-def _parses(line: str) -> bool:
-    try:
-        json.loads(line)
-    except (json.JSONDecodeError, RecursionError):
-        return False
-    return True
-
-
-def _jsonl(lines: list[str], field: str) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _fail(field, _json_error(n, e)) from None
-        except RecursionError:
-            raise _fail(field, f"line {n}: JSON nested too deeply") from None
-        if not isinstance(row, dict):
-            raise _fail(field, f"line {n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
-def _listed(rows: list[Any], path: Path, field: str) -> list[dict[str, Any]]:
-    if not rows:
-        raise _fail(field, f"{path.name} has no rows")
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict):
-            raise _fail(field, f"row {i}: expected a JSON object, got {type(row).__name__}")
-    return rows
-
-
-def load_dir(
-    path: Path, field: str, roots: tuple[Path, ...] | None = None
-) -> dict[str, list[dict[str, Any]]]:
-    """{"train": rows, "valid"?: rows, "test"?: rows} from a directory, as mlx-lm lays it out.
-    Each member file is confined by its own real path (see load_rows)."""
-    path = Path(path)
-    if not os.path.lexists(path / "train.jsonl"):
-        raise _fail(field, f"directory {path} has no train.jsonl")
-    out = {}
-    for name in ("train", "valid", "test"):
-        f = path / f"{name}.jsonl"
-        if os.path.lexists(f):
-            try:
-                out[name] = load_rows(f, field, roots)
-            except InvalidArgument as e:
-                v = e.violations[0]
-                raise _fail(field, f"{f.name}: {v.description}") from None
-    return out
-
-
-# ---------------------------------------------------------------- formats
-
-
-def _row_format(row: dict[str, Any]) -> str | None:
-    if "chosen" in row or "rejected" in row:
-        return "preference"
-    if "label" in row and "completion" in row:
-        return "unpaired_preference"
-    if "messages" in row:
-        return "chat"
-    if "prompt" in row and "completion" in row:
-        return "completion"
-    if "text" in row:
-        return "text"
-    if "prompt" in row:
-        return "prompt"
-    return None
-
-
-def normalize_format(raw: str, field: str) -> str:
-    """ "" (detect) or a format name; accepts the proto's DATASET_FORMAT_* names too."""
-    fmt = (raw or "").strip().lower().removeprefix("dataset_format_")
-    if fmt in ("", "unspecified"):
-        return ""
-    if fmt not in FORMATS:
-        raise _fail(field, f"unknown format {raw!r}; expected one of {', '.join(FORMATS)}")
-    return fmt
-
-
-def detect_format(rows: Sequence[dict[str, Any]], field: str) -> str:
-    """The format of row 1; every other row must have the same keys (else which row is off)."""
-    if not rows:
-        raise _fail(field, "the dataset has no rows")
-    fmt = _row_format(rows[0])
-    if fmt is None:
-        keys = ", ".join(sorted(rows[0])) or "none"
-        raise _fail(
-            field,
-            "row 1: unknown format (keys: "
-            f"{keys}); expected 'text', 'messages', 'prompt'+'completion', "
-            "'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label' or 'prompt'",
-        )
-    for i, row in enumerate(rows[1:], 2):
-        other = _row_format(row)
-        if other == fmt:
-            continue
-        missing = [k for k in _REQUIRED[fmt] if k not in row]
-        what = f"missing {missing[0]!r}" if missing else "mixed formats"
-        raise _fail(field, f"row {i}: {what} (row 1 is {fmt!r} data, row {i} looks like {other!r})")
-    return fmt
-
-
-def _messages_problem(v: Any) -> str | None:
-    if not isinstance(v, list) or not v:
-        return "it is empty" if isinstance(v, list) else f"got {type(v).__name__}"
-    for j, m in enumerate(v, 1):
-        if not isinstance(m, dict):
-            return f"message {j} is a {type(m).__name__}"
-        if not isinstance(m.get("role"), str) or not m["role"]:
-            return f"message {j} has no 'role'"
-        content = m.get("content")
-        if content is None and not m.get("tool_calls"):
-            return f"message {j} has no 'content'"
-        if content is not None and not isinstance(content, str | list):
-            return f"message {j}: 'content' must be a string"
-    return None
-
-
-def _check_turns(row: dict[str, Any], key: str) -> str | None:
-    """A string or a message list, non-empty."""
-    v = row.get(key)
-    if isinstance(v, str):
-        return None if v.strip() else f"{key!r} is empty"
-    problem = _messages_problem(v)
-    if problem:
-        return f"{key!r} must be a string or a list of {{role, content}} ({problem})"
-    return None
-
-
-def validate_rows(
-    rows: Sequence[dict[str, Any]], fmt: str, field: str, *, source: str = ""
-) -> None:
-    """Every row has the keys and value types of ``fmt``; errors name the 1-based row."""
-    if not rows:
-        raise _fail(field, f"{source}the dataset has no rows")
-    for i, row in enumerate(rows, 1):
-        missing = [k for k in _REQUIRED[fmt] if k not in row]
-        if missing:
-            raise _fail(field, f"{source}row {i}: missing {missing[0]!r}")
-        problem = _row_problem(row, fmt)
-        if problem:
-            raise _fail(field, f"{source}row {i}: {problem}")
-
-
-def _row_problem(row: dict[str, Any], fmt: str) -> str | None:
-    if fmt == "text":
-        t = row["text"]
-        return None if isinstance(t, str) and t.strip() else "'text' must be a non-empty string"
-    if "tools" in row and row["tools"] is not None and not isinstance(row["tools"], list):
-        return "'tools' must be a list"
-    if fmt == "chat":
-        problem = _messages_problem(row["messages"])
-        return f"'messages' must be a list of {{role, content}} ({problem})" if problem else None
-    keys = {
-        "completion": ("prompt", "completion"),
-        "prompt": ("prompt",),
-        "unpaired_preference": ("prompt", "completion"),
-    }.get(fmt, ("prompt", "chosen", "rejected"))
-    for key in keys:
-        problem = _check_turns(row, key)
-        if problem:
-            return problem
-    if fmt == "unpaired_preference":
-        if not isinstance(row["label"], bool):
-            return f"'label' must be true (desirable) or false, got {json.dumps(row['label'])}"
-        if row.get("system") is not None and not isinstance(row["system"], str):
-            return "'system' must be a string"
-        return None
-    if fmt != "preference":
-        return None
-    if row["chosen"] == row["rejected"]:
-        return "'chosen' and 'rejected' are identical"
-    if row.get("system") is not None and not isinstance(row["system"], str):
-        return "'system' must be a string"
-    m = row.get("margin")
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int | float)):
-        return "'margin' must be a number"
-    if m is not None and not np.isfinite(m):
-        return "'margin' must be finite"
-    return None
-
-
-# ---------------------------------------------------------------- tokenizing
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    flag = getattr(tokenizer, "has_chat_template", None)
-    if flag is not None:
-        return bool(flag)
-    return getattr(tokenizer, "chat_template", None) is not None
-
-
-def _chat(tokenizer: Any, messages: list, tools: Any, add_generation_prompt: bool) -> list[int]:
-    kw: dict[str, Any] = {"add_generation_prompt": add_generation_prompt, "return_dict": False}
-    if tools:
-        kw["tools"] = tools
-    out = tokenizer.apply_chat_template(messages, **kw)
-    if hasattr(out, "keys"):  # a raw transformers tokenizer may still hand back a dict
-        out = out["input_ids"]
-    return [int(t) for t in out]
-
-
-def _as_messages(v: str | list, role: str) -> list[dict[str, Any]]:
-    return [{"role": role, "content": v}] if isinstance(v, str) else list(v)
-
-
-def _plain(v: str | list) -> str:
-    """Text of a turn for tokenizers without a chat template."""
-    if isinstance(v, str):
-        return v
-    return "\n\n".join(str(m.get("content") or "") for m in v)
-
-
-def _with_eos(tokens: list[int], eos: int | None) -> list[int]:
-    if eos is not None and (not tokens or tokens[-1] != eos):
-        tokens.append(eos)
-    return tokens
-
-
-def _render_chat(row: dict[str, Any], tokenizer: Any, mask_prompt: bool) -> tuple[list[int], int]:
-    messages, tools = row["messages"], row.get("tools")
-    tokens = _chat(tokenizer, messages, tools, False)
-    if not mask_prompt:
-        return tokens, 0
-    # As mlx-lm: the loss covers the last message; the generation prompt belongs to the prompt.
-    gen = messages[-1].get("role") == "assistant"
-    return tokens, len(_chat(tokenizer, messages[:-1], tools, gen))
-
-
-def _render_pair(
-    tokenizer: Any,
-    prompt: str | list,
-    answer: str | list,
-    *,
-    system: str | None = None,
-    tools: Any = None,
-) -> tuple[list[int], int]:
-    """Tokens of prompt + answer and the number of prompt tokens."""
-    if has_chat_template(tokenizer):
-        head = [{"role": "system", "content": system}] if system else []
-        head += _as_messages(prompt, "user")
-        tokens = _chat(tokenizer, head + _as_messages(answer, "assistant"), tools, False)
-        return tokens, len(_chat(tokenizer, head, tools, True))
-    text = f"{system}\n\n{_plain(prompt)}" if system else _plain(prompt)
-    head = list(tokenizer.encode(text))
-    body = list(tokenizer.encode(_plain(answer), add_special_tokens=False))
-    return _with_eos(head + body, tokenizer.eos_token_id), len(head)
-
-
-def _render_prompt(row: dict[str, Any], tokenizer: Any) -> list[int]:
-    if has_chat_template(tokenizer):
-        head = [{"role": "system", "content": row["system"]}] if row.get("system") else []
-        return _chat(tokenizer, head + _as_messages(row["prompt"], "user"), row.get("tools"), True)
-    return list(tokenizer.encode(_plain(row["prompt"])))
-
-
-def _cut(tokens: list[int], prompt_len: int, max_seq_length: int) -> Tokenized:
-    cut = len(tokens) > max_seq_length
-    tokens = tokens[:max_seq_length]
-    return Tokenized(tokens, min(prompt_len, len(tokens)), cut)
-
-
-def tokenize_rows(
-    rows: Sequence[dict[str, Any]],
-    fmt: str,
-    tokenizer: Any,
-    *,
-    max_seq_length: int,
-    mask_prompt: bool,
-    field: str = "spec.dataset.path",
-) -> list[Tokenized] | list[PreferencePair] | list[PromptItem]:
-    """Tokenize validated rows. Sequences are cut to max_seq_length tokens (prompts for
-    rollouts keep their *last* tokens, where the generation prompt is). Preference pairs
-    and unpaired rows always mask the prompt; text rows have none to mask; EOS is appended
-    to text rows (as mlx-lm) and to completions when there is no chat template."""
-    if max_seq_length < 2:
-        raise ValueError(f"max_seq_length must be >= 2, got {max_seq_length}")
-    eos = tokenizer.eos_token_id
-    out: list[Any] = []
-    for i, row in enumerate(rows, 1):
-        try:
-            if fmt == "text":
-                out.append(
-                    _cut(_with_eos(list(tokenizer.encode(row["text"])), eos), 0, max_seq_length)
-                )
-            elif fmt == "chat":
-                if not has_chat_template(tokenizer):
-                    raise _fail(field, "chat data needs a tokenizer with a chat template")
-                tokens, offset = _render_chat(row, tokenizer, mask_prompt)
-                out.append(_cut(tokens, offset, max_seq_length))
-            elif fmt == "completion":
-                tokens, offset = _render_pair(
-                    tokenizer, row["prompt"], row["completion"], tools=row.get("tools")
-                )
-                out.append(_cut(tokens, offset if mask_prompt else 0, max_seq_length))
-            elif fmt == "preference":
-                kw = {"system": row.get("system"), "tools": row.get("tools")}
-                c, cp = _render_pair(tokenizer, row["prompt"], row["chosen"], **kw)
-                r, rp = _render_pair(tokenizer, row["prompt"], row["rejected"], **kw)
-                m = row.get("margin")
-                out.append(
-                    PreferencePair(
-                        _cut(c, cp, max_seq_length),
-                        _cut(r, rp, max_seq_length),
-                        None if m is None else float(m),
-                    )
-                )
-            elif fmt == "unpaired_preference":
-                kw = {"system": row.get("system"), "tools": row.get("tools")}
-                tokens, p = _render_pair(tokenizer, row["prompt"], row["completion"], **kw)
-                seq = _cut(tokens, p, max_seq_length)
-                out.append(UnpairedItem(seq, tuple(tokens[p:]), row["label"]))
-            elif fmt == "prompt":
-                tokens = _render_prompt(row, tokenizer)
-                out.append(
-                    PromptItem(
-                        tokens[-max_seq_length:], row["prompt"], row, len(tokens) > max_seq_length
-                    )
-                )
-            else:
-                raise ValueError(f"unknown format {fmt!r}")
-        except InvalidArgument:
-            raise
-        except Exception as e:  # a chat template that rejects the row (roles, tool schema...)
-            raise _fail(field, f"row {i}: cannot render ({type(e).__name__}: {e})") from None
-    return out
 
 
 # ---------------------------------------------------------------- splitting
