@@ -200,6 +200,9 @@ def configure(
     train_rows = data.rows
     if not msg.dataset.valid_path:
         vf = msg.dataset.valid_fraction if msg.dataset.HasField("valid_fraction") else 0.1
+        # Sizing only: an out-of-range fraction (even -1e308) is refused with its field by
+        # the stage checks that follow, not by an OverflowError here.
+        vf = min(max(vf, 0.0), 0.5)
         train_rows = max(1, round(data.rows * (1 - vf))) if data.rows else 0
     if loop.batch_size == 0:
         act = max(2 * (1 << 20), params / 800) * SEQ_FACTOR.get(kind, 1)
