@@ -1,10 +1,13 @@
-"""Real in-process services for the fuzz suite (module scope: Hypothesis runs many examples
-per test), with job workers never launched: an accepted Start* records its job and leaves it
-PENDING, so the suite fuzzes the edge and validation, not training.
+"""Real in-process services for the fuzz suite (module scope: every RPC's test sends over a
+thousand requests), with job workers never launched: an accepted Start* records its job and
+leaves it PENDING, so the suite fuzzes the edge and validation, not training.
 
-MLXU_FUZZ_EXAMPLES sets the examples per RPC (default 200: the whole suite in about 60-90 s on
-2 shared CPU cores; Hypothesis itself needs 2-20 ms to draw one of these messages, so 1000
-per RPC takes about 4 minutes - run that where time allows, e.g. nightly).
+MLXU_FUZZ_EXAMPLES: requests per RPC from the fast seeded generator (mutator.py; default
+1000, the whole suite in about 100 s on 2 shared CPU cores). MLXU_FUZZ_HYPOTHESIS: Hypothesis
+examples per RPC on top (default 20: Hypothesis needs 2-20 ms to draw one of these messages,
+the fast generator ~0.1 ms). MLXU_FUZZ_SEED: the generator's seed (default 0; "random" draws
+one, printed in the summary). The paths tests run MLXU_FUZZ_PATH_EXAMPLES Hypothesis
+examples (default 1000).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,19 +29,34 @@ from tests.conftest import REPO, ThreadedServer, write_jsonl
 from tests.fuzz import seeds
 from tests.fuzz.strategies import Pools
 
-EXAMPLES = int(os.environ.get("MLXU_FUZZ_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("MLXU_FUZZ_EXAMPLES", "1000"))
+HYPOTHESIS_EXAMPLES = int(os.environ.get("MLXU_FUZZ_HYPOTHESIS", "20"))
+PATH_EXAMPLES = int(os.environ.get("MLXU_FUZZ_PATH_EXAMPLES", "1000"))
+SEED = os.environ.get("MLXU_FUZZ_SEED", "0")
+if SEED == "random":
+    SEED = secrets.token_hex(4)
+SUMMARY: list[str] = []  # one line per fuzzed RPC, shown at the end of the run
 CHAT = [
     {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
     for i in range(6)
 ]
 PREFS = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+UNPAIRED = [{"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0} for i in range(6)]
 LIMITS = Limits(
     rate_start_per_min=0,
     rate_generate_per_min=0,
     generate_max_tokens=8,  # keeps an accepted Generate cheap
     generate_max_prompt_tokens=256,
     generate_max_seconds=20,
+    score_max_items=4,  # keeps an accepted Score / ScoreCompletions cheap (past it: refused)
 )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    if SUMMARY:
+        terminalreporter.section(f"fuzz: requests per RPC (MLXU_FUZZ_SEED={SEED})")
+        for line in SUMMARY:
+            terminalreporter.line(line)
 
 
 @dataclass
@@ -106,10 +125,22 @@ def _no_launch(host) -> None:  # noqa: ANN001
     host.runner.submit = submit
 
 
+def _reward_checkpoint(tiny: Path, out: Path) -> Path:
+    """The tiny model with a seeded reward head: what Score needs to score for real."""
+    from services.rlhf.trainers import heads
+    from services.runtime.models import load_model
+
+    shutil.copytree(tiny, out)
+    lm, _ = load_model(str(out))
+    heads.save_head(heads.attach_head(lm), out, "reward")
+    return out
+
+
 def _fixtures(base: Path, tiny: Path, outside: Path) -> dict[str, str]:
     chat = write_jsonl(base / "chat.jsonl", CHAT)
     prefs = write_jsonl(base / "prefs.jsonl", PREFS)
     prompts = write_jsonl(base / "prompts.jsonl", [{"prompt": f"p{i}"} for i in range(6)])
+    unpaired = write_jsonl(base / "unpaired.jsonl", UNPAIRED)
     ds = base / "dsdir"
     write_jsonl(ds / "train.jsonl", CHAT)
     evil = base / "evil-ds"
@@ -130,7 +161,8 @@ def _fixtures(base: Path, tiny: Path, outside: Path) -> dict[str, str]:
     (base / "fifo").unlink(missing_ok=True)
     os.mkfifo(base / "fifo")
     named = {
-        "model": tiny, "chat": chat, "prefs": prefs, "prompts": prompts, "dsdir": ds,
+        "model": tiny, "chat": chat, "prefs": prefs, "prompts": prompts, "unpaired": unpaired,
+        "dsdir": ds, "reward_model": _reward_checkpoint(tiny, base / "reward-model"),
         "evil_ds": evil, "linked_model": linked, "evil_model": evil_model, "hostfile": hosts,
         "fifo": base / "fifo", "outside": outside / "secret.jsonl", "dir": base,
         "missing": base / "missing.jsonl",

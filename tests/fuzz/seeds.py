@@ -41,6 +41,23 @@ def pipeline(p: Pools) -> opb.PipelineSpec:
     )
 
 
+def preference_pipeline(p: Pools) -> opb.PipelineSpec:
+    """SFT then KTO and ORPO stages (each with its own dataset)."""
+    n = p.named
+    kto = rpb.KTOSpec(loop=_loop(), dataset=cpb.DatasetRef(path=n["unpaired"]))
+    orpo = rpb.ORPOSpec(loop=_loop(), dataset=cpb.DatasetRef(path=n["prefs"]))
+    return opb.PipelineSpec(
+        name="fuzz-prefs",
+        base_model=cpb.ModelRef(model=n["model"]),
+        dataset=cpb.DatasetRef(path=n["chat"]),
+        stages=[
+            opb.Stage(name="sft", sft=sft(p)),
+            opb.Stage(name="kto", kto=kto),
+            opb.Stage(name="orpo", orpo=orpo),
+        ],
+    )
+
+
 def for_method(name: str, p: Pools) -> list[Message]:
     """Valid requests of ``Service.Method`` (empty: the RPC is fuzzed from scratch only)."""
     n, ids = p.named, p.ids
@@ -92,12 +109,22 @@ def for_method(name: str, p: Pools) -> list[Message]:
                 spec=rpb.PPOSpec(
                     policy=model,
                     dataset=prompts,
+                    reward=rpb.RewardSource(reward_model=cpb.ModelRef(model=n["reward_model"])),
+                    rollout=rollout,
+                    loop=_loop(),
+                    minibatch_size=2,
+                )
+            ),
+            rpb.StartPPORequest(
+                spec=rpb.PPOSpec(
+                    policy=model,
+                    dataset=prompts,
                     reward=fn,
                     rollout=rollout,
                     loop=_loop(),
                     minibatch_size=2,
                 )
-            )
+            ),
         ],
         "RLHFService.StartGRPO": [
             rpb.StartGRPORequest(
@@ -106,9 +133,20 @@ def for_method(name: str, p: Pools) -> list[Message]:
                 )
             )
         ],
+        "RLHFService.StartKTO": [
+            rpb.StartKTORequest(
+                spec=rpb.KTOSpec(
+                    policy=model, dataset=cpb.DatasetRef(path=n["unpaired"]), loop=_loop()
+                )
+            )
+        ],
+        "RLHFService.StartORPO": [
+            rpb.StartORPORequest(spec=rpb.ORPOSpec(policy=model, dataset=prefs, loop=_loop()))
+        ],
         "RLHFService.Score": [
             rpb.ScoreRequest(
-                reward_model=model, items=[gpb.PromptCompletion(prompt="a", completion="b")]
+                reward_model=cpb.ModelRef(model=n["reward_model"]),
+                items=[gpb.PromptCompletion(prompt="a", completion="b")],
             )
         ],
         "DistillationService.StartDistillation": [
@@ -121,7 +159,10 @@ def for_method(name: str, p: Pools) -> list[Message]:
                 )
             )
         ],
-        "OrchestratorService.CreatePipeline": [opb.CreatePipelineRequest(spec=pipeline(p))],
+        "OrchestratorService.CreatePipeline": [
+            opb.CreatePipelineRequest(spec=pipeline(p)),
+            opb.CreatePipelineRequest(spec=preference_pipeline(p)),
+        ],
         "OrchestratorService.CreatePipelineFromTemplate": [
             opb.CreatePipelineFromTemplateRequest(
                 template="chatbot", base_model=model, dataset=cpb.DatasetRef(path=n["chat"])

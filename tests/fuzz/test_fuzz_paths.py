@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.runtime import datasets, errors, models, paths
-from tests.fuzz.conftest import EXAMPLES
+from tests.fuzz.conftest import PATH_EXAMPLES
 
 PARTS = [
     "..", ".", "", "data", "file.jsonl", "link-out", "link-in", "link-dir-out", "loop",
@@ -66,7 +66,7 @@ def raw_paths(root: Path) -> st.SearchStrategy[str]:
 
 
 SETTINGS = settings(
-    max_examples=EXAMPLES,
+    max_examples=PATH_EXAMPLES,
     deadline=None,
     database=None,
     derandomize=True,
