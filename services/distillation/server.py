@@ -24,7 +24,6 @@ def check_spec(spec: distillation_pb2.DistillationSpec, prefix: str = "spec") ->
     from services.distillation.validate import parse
 
     v = Violations()
-    specs.check_common(v, spec, prefix)
     v.check(len(spec.teachers) > 0, f"{prefix}.teachers", "at least one teacher is required")
     init = spec.student_init
     has_init = bool(init.keep_teacher_layers) or init.num_layers > 0
@@ -44,7 +43,6 @@ def distill_config(spec: distillation_pb2.DistillationSpec, settings: Settings) 
     """Validate a DistillationSpec (every field, every file it names) into the trainer config."""
     from services.distillation.validate import validate
 
-    check_spec(spec)
     config = specs.to_dict(spec)
     if spec.student.model:
         config["student"] = resolve_model_ref(spec.student, settings, "spec.student")
@@ -57,7 +55,7 @@ def distill_config(spec: distillation_pb2.DistillationSpec, settings: Settings) 
             teacher.model, settings, f"spec.teachers[{i}].model"
         )
     config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", FORMATS)
-    validate(config)
+    validate(config)  # the one validation: every field, then every file it names
     return config
 
 

@@ -29,8 +29,21 @@ from services.distillation.trainers.teachers import (
     signature_from_dir,
 )
 from services.runtime.errors import InvalidArgument, Violations
+from services.schema.common import (
+    FINETUNE_METHODS,
+    LoopSettings,
+    LoraSettings,
+    OptimizerSettings,
+    ResourcesSettings,
+)
 
-METHODS = ("full", "lora", "dora", "qlora")
+METHODS = FINETUNE_METHODS
+SECTIONS = {
+    "loop": LoopSettings,
+    "optimizer": OptimizerSettings,
+    "lora": LoraSettings,
+    "resources": ResourcesSettings,
+}
 KNOWN_KEYS = {
     "student",
     "teachers",
@@ -253,6 +266,11 @@ def parse(config: dict) -> DistillConfig:
     )
     chunk = int(cfg.get("chunk_size") or 128)
     v.check(chunk >= 1, "spec.chunk_size", "must be >= 1")
+    for name, section in SECTIONS.items():  # the shared sections, by their schema
+        try:
+            section.from_dict(cfg.get(name) or {}, prefix=f"spec.{name}")
+        except InvalidArgument as e:
+            v.items.extend(e.violations)
     v.raise_if_any()
     return DistillConfig(
         teachers=tuple(teachers),

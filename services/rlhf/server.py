@@ -31,14 +31,11 @@ def _unresolved(method: registry.Method, spec: Any) -> dict[str, Any]:
 
 
 def check_spec(spec: Any, prefix: str = "spec") -> None:
-    """Every rule of the spec's trainer that needs no file: the shared ranges, then the
-    trainer's own config class (the orchestrator runs this on its stages too)."""
+    """Every rule of the spec's trainer that needs no file: its config schema (the
+    orchestrator runs this on its stages too)."""
     from services.rlhf import validate
 
     method = registry.by_spec(spec)
-    v = Violations()
-    specs.check_common(v, spec, prefix)
-    v.raise_if_any()
     try:
         validate.check(method.name, _unresolved(method, spec), rows=False)
     except InvalidArgument as e:
@@ -60,9 +57,6 @@ def rlhf_config(spec: Any, settings: Settings) -> dict[str, Any]:
 
     method = registry.by_spec(spec)
     model = method.model_field
-    v = Violations()
-    specs.check_common(v, spec)
-    v.raise_if_any()
     config = specs.to_dict(spec)
     config[model] = resolve_model_ref(getattr(spec, model), settings, f"spec.{model}")
     if method.has_reference:
@@ -90,12 +84,13 @@ def rlhf_config(spec: Any, settings: Settings) -> dict[str, Any]:
             "spec.rollout.batch_size",
             f"{spec.rollout.batch_size} is larger than the dataset ({counts['rows']} prompts)",
         )
+    built = None
     try:
-        validate.check(method.name, config)
+        built = validate.check(method.name, config)
     except InvalidArgument as e:
         found.items.extend(e.violations)
     found.raise_if_any()
-    return method.config_class().from_dict(config, prefix="spec").to_dict()
+    return built.to_dict()
 
 
 @add_start_handlers("rlhf")

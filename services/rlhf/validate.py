@@ -73,13 +73,15 @@ def _rows(rows: list[dict], fmt: str, field: str, source: str, validate_rows) ->
     validate_rows(rows, fmt, field, source=source)
 
 
-def check(kind: str, config: dict, *, rows: bool = True) -> None:
-    """Validate the config of a job of ``kind`` (one of ``KINDS``)."""
+def check(kind: str, config: dict, *, rows: bool = True) -> Any:
+    """Validate the config of a job of ``kind`` (one of ``KINDS``) and return it built (the
+    one validation of the request: the caller stores its ``to_dict()``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown RLHF job kind {kind!r}; expected one of {KINDS}")
     found: list[Violation] = []
+    built = None
     try:
-        _config_class(kind).from_dict(config, prefix="spec")
+        built = _config_class(kind).from_dict(config, prefix="spec")
     except InvalidArgument as e:
         found.extend(e.violations)
     if rows and not any(v.field.startswith("spec.dataset") for v in found):
@@ -87,6 +89,7 @@ def check(kind: str, config: dict, *, rows: bool = True) -> None:
         found.extend(row_violations(dataset, _row_format(kind, dataset)))
     if found:
         raise InvalidArgument(found)
+    return built
 
 
 def check_score(reward_model: dict, field: str = "reward_model.model") -> None:

@@ -15,9 +15,7 @@ with ``fine_tune_type``, ``num_layers``, ``lora_parameters``) plus ``base_model`
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,46 +25,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from services.runtime import models
-from services.runtime.errors import FailedPrecondition, InvalidArgument, Violations
-from services.runtime.optim import DictConfig, zero_default
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.schema.common import FINETUNE_METHODS, LoraSettings, QuantizationSettings
 
-METHODS = ("full", "lora", "dora", "qlora")
+METHODS = FINETUNE_METHODS
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass(frozen=True)
-class LoraSettings(DictConfig):
-    rank: int = zero_default(8)
-    scale: float = zero_default(20.0)  # mlx-lm's default; peft's lora_alpha / r
-    dropout: float = 0.0
-    num_layers: int = zero_default(16)  # last N blocks; -1 = all
-    keys: tuple[str, ...] = ()  # e.g. ("self_attn.q_proj", "self_attn.v_proj"); () = default
-    alpha: float = 0.0  # peft's lora_alpha: > 0 sets scale = alpha / rank
-
-    def resolve(self) -> LoraSettings:
-        if self.alpha > 0:
-            return dataclasses.replace(self, scale=self.alpha / self.rank)
-        return self
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(0 < self.rank <= 1024, f"{p}rank", "must be in 1..1024")
-        v.check(self.scale > 0, f"{p}scale", "must be > 0")
-        v.check(self.alpha >= 0, f"{p}alpha", "must be >= 0 (0 = use scale)")
-        v.check(0 <= self.dropout < 1, f"{p}dropout", "must be in [0, 1)")
-        v.check(self.num_layers >= 1 or self.num_layers == -1, f"{p}num_layers", ">= 1 or -1")
-
-
-@dataclass(frozen=True)
-class QuantizationSettings(DictConfig):
-    bits: int = zero_default(4)
-    group_size: int = zero_default(64)
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.bits in (2, 3, 4, 5, 6, 8), f"{p}bits", "must be 4 or 8 (2, 3, 5, 6 work)")
-        v.check(self.group_size in (32, 64, 128), f"{p}group_size", "must be 32, 64 or 128")
 
 
 def is_quantized(model: nn.Module) -> bool:

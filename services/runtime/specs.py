@@ -1,8 +1,8 @@
 """Proto specs -> plain config dicts for trainers, plus the range checks every service shares.
 
-The trainers' own config classes (services.runtime.loop_settings / optim / adapters) are the
-source of truth for field rules; the checks here only add bounds on absurd values (a batch of a
-million, a learning rate of 50) so they are refused at the edge with the proto field name.
+Field rules (defaults and bounds) are declared once, on the config schema in
+``services.schema``; this module adds the rules that hold for every message of every RPC
+(closed enums, finite numbers, bounded sizes) and the static check the orchestrator shares.
 
 Proto3 "zero means default": only fields that are set (non-zero, or present for `optional`)
 appear in the dict, so a trainer's config dataclass fills its own defaults in one place.
@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from services.runtime.errors import InvalidArgument, Violation, Violations
+from services.runtime.errors import InvalidArgument, Violation
 from services.runtime.settings import Limits
 
 
@@ -53,110 +53,6 @@ def to_dict(msg: Message) -> dict[str, Any]:
 
 def enum_unset(value: int) -> bool:
     return value == 0
-
-
-# --- shared range checks; `prefix` is the field path of the sub-message --------------------
-
-
-def check_loop(v: Violations, loop: Message, prefix: str) -> None:
-    v.check(0 <= loop.batch_size <= 4096, f"{prefix}.batch_size", "must be between 1 and 4096")
-    v.check(
-        0 <= loop.grad_accumulation_steps <= 1024,
-        f"{prefix}.grad_accumulation_steps",
-        "must be between 1 and 1024",
-    )
-    v.check(0 <= loop.max_steps <= 10_000_000, f"{prefix}.max_steps", "must be 0..10,000,000")
-    v.check(0 <= loop.epochs <= 1000, f"{prefix}.epochs", "must be 0..1000")
-    v.check(
-        loop.max_seq_length == 0 or 8 <= loop.max_seq_length <= 131072,
-        f"{prefix}.max_seq_length",
-        "must be between 8 and 131072",
-    )
-    v.check(loop.steps_per_report >= 0, f"{prefix}.steps_per_report", "must be >= 0")
-    v.check(loop.steps_per_eval >= -1, f"{prefix}.steps_per_eval", "must be >= -1")
-    v.check(loop.val_batches >= -1, f"{prefix}.val_batches", "must be >= -1")
-    v.check(
-        loop.steps_per_checkpoint >= -1,
-        f"{prefix}.steps_per_checkpoint",
-        "must be >= 1, or -1 (only at the end)",
-    )
-    v.check(
-        -1 <= loop.keep_last_checkpoints <= 100,
-        f"{prefix}.keep_last_checkpoints",
-        "must be 1..100, or -1 (keep all)",
-    )
-    v.check(
-        loop.dtype in ("", "float32", "bfloat16", "float16"),
-        f"{prefix}.dtype",
-        f"{loop.dtype!r} is not one of float32, bfloat16, float16",
-    )
-    if loop.batch_size and loop.grad_accumulation_steps:
-        v.check(
-            loop.batch_size % loop.grad_accumulation_steps == 0,
-            f"{prefix}.batch_size",
-            "must be divisible by grad_accumulation_steps",
-        )
-
-
-# The one bound on a learning rate, at the edge (0 = the method's default) and in the
-# trainers' OptimizerSettings alike.
-MAX_LEARNING_RATE = 1.0
-
-
-def check_optimizer(v: Violations, o: Message, prefix: str) -> None:
-    v.check(
-        0 <= o.learning_rate <= MAX_LEARNING_RATE,
-        f"{prefix}.learning_rate",
-        f"must be > 0 and <= {MAX_LEARNING_RATE:g} (0 = the method's default)",
-    )
-    if o.HasField("weight_decay"):
-        v.check(0 <= o.weight_decay < 1, f"{prefix}.weight_decay", "must be in [0, 1)")
-    v.check(0 <= o.beta1 < 1, f"{prefix}.beta1", "must be in [0, 1)")
-    v.check(0 <= o.beta2 < 1, f"{prefix}.beta2", "must be in [0, 1)")
-    v.check(0 <= o.eps < 1, f"{prefix}.eps", "must be in [0, 1)")
-    v.check(0 <= o.momentum < 1, f"{prefix}.momentum", "must be in [0, 1)")
-    v.check(o.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
-    v.check(0 <= o.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
-    v.check(o.grad_clip_norm >= 0, f"{prefix}.grad_clip_norm", "must be >= 0")
-
-
-def check_lora(v: Violations, lora: Message, prefix: str) -> None:
-    v.check(0 <= lora.rank <= 1024, f"{prefix}.rank", "must be between 1 and 1024")
-    v.check(0 <= lora.scale <= 1e4, f"{prefix}.scale", "must be > 0")
-    v.check(0 <= lora.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
-    v.check(-1 <= lora.num_layers <= 1024, f"{prefix}.num_layers", "must be -1 (all) or 0..1024")
-    v.check(0 <= lora.alpha <= 1e6, f"{prefix}.alpha", "must be in [0, 1e6] (0 = use scale)")
-    for i, key in enumerate(lora.keys[:64]):
-        v.check(bool(key) and len(key) <= 256, f"{prefix}.keys[{i}]", "must be a module name")
-
-
-def check_quantization(v: Violations, q: Message, prefix: str) -> None:
-    v.check(q.bits in (0, 2, 3, 4, 5, 6, 8), f"{prefix}.bits", "must be 4 or 8 (2-6 also work)")
-    v.check(q.group_size in (0, 32, 64, 128), f"{prefix}.group_size", "must be 32, 64 or 128")
-
-
-def check_resources(v: Violations, r: Message, prefix: str) -> None:
-    v.check(0 <= r.num_processes <= 256, f"{prefix}.num_processes", "must be 1..256")
-    if r.hosts and r.hostfile:
-        v.add(f"{prefix}.hosts", "give hosts or hostfile, not both")
-    check_hosts(v, r, prefix)
-
-
-def check_common(v: Violations, spec: Message, prefix: str = "spec") -> None:
-    """The loop / optimizer / LoRA / resources checks every trainer spec shares."""
-    check_loop(v, spec.loop, f"{prefix}.loop")
-    check_optimizer(v, spec.optimizer, f"{prefix}.optimizer")
-    check_lora(v, spec.lora, f"{prefix}.lora")
-    check_resources(v, spec.resources, f"{prefix}.resources")
-
-
-def check_hosts(v: Violations, r: Message, prefix: str) -> None:
-    for i, host in enumerate(r.hosts[:256]):
-        v.check(
-            bool(host) and len(host) <= 255 and all(c.isalnum() or c in "._-:@[]" for c in host),
-            f"{prefix}.hosts[{i}]",
-            "must be a host name or address (letters, digits, '.', '_', '-', ':', '@', '[]')",
-        )
 
 
 # --- the edge: every request of every RPC, checked against its own schema -----------------

@@ -14,33 +14,32 @@ from services.runtime import specs
 from services.runtime.errors import Violations
 from services.runtime.refs import resolve_dataset, resolve_model_ref
 from services.runtime.settings import Settings
+from services.schema.training import SFT_FORMATS, ExportConfig, SFTConfig
 
-SFT_FORMATS = ("text", "chat", "completion")
 
-
-def check_sft(spec: training_pb2.SFTSpec, prefix: str = "spec") -> None:
-    """Every SFT rule that needs no file (the orchestrator runs it on its stages too)."""
-    from services.training.trainers.sft import SFTConfig
-
+def _check_sft_shape(spec: training_pb2.SFTSpec, prefix: str) -> None:
+    """What the config class cannot see: proto presence (a quantization section for a method
+    that does not quantize) and required references, named by their proto field."""
     v = Violations()
     v.check(
         spec.HasField("model") and bool(spec.model.model), f"{prefix}.model.model", "is required"
     )
     v.check(bool(spec.dataset.path), f"{prefix}.dataset.path", "is required")
-    specs.check_common(v, spec, prefix)
-    if spec.method == common_pb2.FINETUNE_METHOD_QLORA:
-        specs.check_quantization(v, spec.quantization, f"{prefix}.quantization")
-    elif spec.HasField("quantization"):
+    if spec.method != common_pb2.FINETUNE_METHOD_QLORA and spec.HasField("quantization"):
         v.add(f"{prefix}.quantization", "only applies to method QLORA")
     v.raise_if_any()
+
+
+def check_sft(spec: training_pb2.SFTSpec, prefix: str = "spec") -> None:
+    """Every SFT rule that needs no file (the orchestrator runs it on its stages too)."""
+    _check_sft_shape(spec, prefix)
     SFTConfig.from_dict(specs.to_dict(spec), prefix=prefix)
 
 
 def sft_config(spec: training_pb2.SFTSpec, settings: Settings) -> dict[str, Any]:
-    """Validate an SFTSpec and return the trainer's resolved config (every default filled)."""
-    from services.training.trainers.sft import SFTConfig
-
-    check_sft(spec)
+    """Validate an SFTSpec (once: the schema, then the files it names) and return the
+    trainer's resolved config (every default filled)."""
+    _check_sft_shape(spec, "spec")
     config = specs.to_dict(spec)
     config["model"] = resolve_model_ref(spec.model, settings, "spec.model")
     config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", SFT_FORMATS)
@@ -55,23 +54,10 @@ def _export_dict(spec: training_pb2.ExportSpec) -> dict[str, Any]:
 
 
 def check_export(spec: training_pb2.ExportSpec, prefix: str = "spec") -> None:
-    from services.training.trainers.export import ExportConfig
-
-    v = Violations()
-    v.check(bool(spec.model.model), f"{prefix}.model.model", "is required")
-    specs.check_quantization(v, spec.quantization, f"{prefix}.quantization")
-    if (spec.mode or training_pb2.EXPORT_MODE_FUSE) == training_pb2.EXPORT_MODE_FUSE:
-        v.check(
-            bool(spec.model.adapter_path), f"{prefix}.model.adapter_path", "fuse needs an adapter"
-        )
-    v.raise_if_any()
     ExportConfig.from_dict(_export_dict(spec), prefix=prefix)
 
 
 def export_config(spec: training_pb2.ExportSpec, settings: Settings) -> dict[str, Any]:
-    from services.training.trainers.export import ExportConfig
-
-    check_export(spec)
     config = _export_dict(spec)
     config["model"] = resolve_model_ref(spec.model, settings, "spec.model")
     return ExportConfig.from_dict(config, prefix="spec").to_dict()

@@ -14,6 +14,7 @@ from services.runtime.paths import check_name, confine
 from services.runtime.rpc.auth import key_matches
 from services.runtime.rpc.status import to_status
 from services.runtime.settings import Settings
+from services.schema.training import SFTConfig
 
 
 def test_to_dict_keeps_set_fields_and_short_enum_names():
@@ -44,16 +45,22 @@ def test_to_dict_keeps_set_fields_and_short_enum_names():
     assert d == {"teachers": [{"weight": 2.0}], "divergence": "total_variation"}
 
 
-def test_common_checks_bound_absurd_values_but_accept_sentinels():
-    v = errors.Violations()
+def test_schema_bounds_absurd_values_but_accepts_sentinels():
     spec = training_pb2.SFTSpec(
+        model=common_pb2.ModelRef(model="m"),
+        dataset=common_pb2.DatasetRef(path="d"),
         loop=common_pb2.LoopConfig(
             batch_size=10**6, steps_per_checkpoint=-1, keep_last_checkpoints=-1, steps_per_eval=-1
         ),
         optimizer=common_pb2.OptimizerConfig(learning_rate=50.0),
     )
-    specs.check_common(v, spec)
-    assert {x.field for x in v.items} == {"spec.loop.batch_size", "spec.optimizer.learning_rate"}
+    with pytest.raises(errors.InvalidArgument) as e:
+        SFTConfig.from_dict(specs.to_dict(spec), prefix="spec")
+    # Both sections' problems at once, named by the request's own field paths.
+    assert {x.field for x in e.value.violations} == {
+        "spec.loop.batch_size",
+        "spec.optimizer.learning_rate",
+    }
 
 
 def test_confine_resolves_symlinks_and_refuses_escapes(tmp_path: Path):

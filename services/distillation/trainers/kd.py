@@ -332,10 +332,10 @@ def _streams(c, loop, data, model, tokenizer, ts, weights, routes, caches, vocab
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    c = validation.validate(config)
-    loop = LoopSettings.from_dict(c.loop, prefix="spec.loop")
-    opt = OptimizerSettings.from_dict(c.optimizer, prefix="spec.optimizer")
-    lora = adapters.LoraSettings.from_dict(c.lora, prefix="spec.lora")
+    c = validation.parse(config)  # validated at Start (files included): resolve only
+    loop = LoopSettings.rehydrate(c.loop)
+    opt = OptimizerSettings.rehydrate(c.optimizer)
+    lora = adapters.LoraSettings.rehydrate(c.lora)
     world = mx.distributed.init()
     mx.random.seed(loop.seed)  # LoRA and projection init: the same in every attempt of the job
 

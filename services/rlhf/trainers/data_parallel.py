@@ -13,22 +13,6 @@ import math
 import mlx.core as mx
 
 from services.rlhf.trainers.losses import whiten
-from services.runtime.errors import Violations
-from services.runtime.loop import ResourcesSettings
-
-
-def check_data_parallel(
-    v: Violations, resources: ResourcesSettings, p: str, sizes: dict[str, int]
-) -> None:
-    """Global batch sizes that every rank must hold an equal share of."""
-    n = resources.num_processes
-    for name, size in sizes.items():
-        v.check(
-            n <= 1 or size % n == 0,
-            f"{p}{name}",
-            f"{size} must be divisible by resources.num_processes ({n}): each process "
-            "takes an equal share",
-        )
 
 
 def rank_key(key: mx.array, world) -> mx.array:

@@ -23,14 +23,12 @@ during training. Otherwise the reference stays loaded and scores each batch as i
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from services import registry
 from services.rlhf.trainers import (
     evaluate_metrics,
     load_policy,
@@ -46,74 +43,17 @@ from services.rlhf.trainers import (
     run_cli,
     write_policy,
 )
-from services.rlhf.trainers.losses import DPO_LOSSES, aux, dpo_loss, token_logps
-from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
+from services.rlhf.trainers.losses import aux, dpo_loss, token_logps
 from services.runtime import checkpoints, datasets
-from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.errors import InvalidArgument, Violations
+from services.runtime.errors import InvalidArgument
 from services.runtime.loop import (
     Artifact,
-    DatasetSettings,
-    LoopSettings,
-    ModelSettings,
-    ResourcesSettings,
-    sub,
     train,
 )
-from services.runtime.optim import DictConfig, OptimizerSettings, zero_default
+from services.schema.preference import DPOConfig
 
 CACHE_FILE = "reference_logps.safetensors"
-
-
-@dataclass(frozen=True)
-class DPOConfig(DictConfig):
-    policy: ModelSettings = sub(ModelSettings)
-    reference: ModelSettings | None = None
-    dataset: DatasetSettings = sub(DatasetSettings)
-    method: str = zero_default("lora")
-    lora: LoraSettings = sub(LoraSettings)
-    optimizer: OptimizerSettings = sub(OptimizerSettings)
-    loop: LoopSettings = sub(LoopSettings)
-    resources: ResourcesSettings = sub(ResourcesSettings)
-    loss: str = zero_default("sigmoid")
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    precompute_reference: bool | None = None  # None = True
-    output_name: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> DPOConfig:
-        return super().from_dict(default_lr(data or {}, *registry.get("dpo").lr), prefix=prefix)
-
-    def resolve(self) -> DPOConfig:
-        ref = self.reference if self.reference is not None and self.reference.model else None
-        return dataclasses.replace(
-            self,
-            method=method_name(self.method),
-            loss=self.loss.lower().removeprefix("dpo_loss_"),
-            reference=ref,
-            precompute_reference=(
-                True if self.precompute_reference is None else self.precompute_reference
-            ),
-        )
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
-        v.check(bool(self.policy.model), f"{p}policy.model", "is required")
-        v.check(self.loss in DPO_LOSSES, f"{p}loss", f"must be one of {DPO_LOSSES}")
-        v.check(self.beta > 0, f"{p}beta", "must be > 0")
-        v.check(0 <= self.label_smoothing < 0.5, f"{p}label_smoothing", "must be in [0, 0.5)")
-        if self.label_smoothing > 0 and self.loss != "robust":
-            # TRL 1.16's sigmoid loss ignores label_smoothing (it no longer is cDPO).
-            v.add(f"{p}label_smoothing", f"applies to the robust loss only, not {self.loss}")
-        v.check(
-            self.dataset.format in ("", "preference"),
-            f"{p}dataset.format",
-            "DPO trains on preference rows (prompt, chosen, rejected)",
-        )
 
 
 # ---- log-probs ----
@@ -281,7 +221,7 @@ def make_loss(loss_type: str, beta: float, label_smoothing: float):
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    cfg = DPOConfig.from_dict(config, prefix="spec")
+    cfg = DPOConfig.rehydrate(config)
     loop, opt = cfg.loop, cfg.optimizer
     world = mx.distributed.init()
     mx.random.seed(loop.seed)

@@ -29,11 +29,9 @@ averaged over ranks in the compiled update, and rewards and metrics are reduced 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -49,13 +47,10 @@ from services.rlhf.trainers import (
     train_rollouts,
 )
 from services.rlhf.trainers.data_parallel import (
-    check_data_parallel,
     gather_rows,
     mean_over_ranks,
 )
 from services.rlhf.trainers.losses import (
-    GRPO_LOSSES,
-    REWARD_SCALES,
     aux,
     entropy,
     group_advantages,
@@ -64,17 +59,13 @@ from services.rlhf.trainers.losses import (
     token_logps,
 )
 from services.rlhf.trainers.ppo import (
-    check_prompt_format,
     make_update,
     minibatches,
     reward_fn,
     take,
 )
-from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
-from services.rlhf.trainers.rewards import RewardSourceSettings
 from services.rlhf.trainers.rollout import (
     RolloutRNG,
-    RolloutSettings,
     completion_logits,
     prompt_data,
     record,
@@ -82,79 +73,12 @@ from services.rlhf.trainers.rollout import (
     reference_logps,
     sample,
 )
-from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.errors import Violations
-from services.runtime.loop import (
-    DatasetSettings,
-    LoopSettings,
-    ModelSettings,
-    ResourcesSettings,
-    sub,
-)
 from services.runtime.optim import (
-    DictConfig,
-    OptimizerSettings,
     build_optimizer,
     learning_rate,
-    zero_default,
 )
-
-
-@dataclass(frozen=True)
-class GRPOConfig(DictConfig):
-    policy: ModelSettings = sub(ModelSettings)
-    reference: ModelSettings | None = None
-    dataset: DatasetSettings = sub(DatasetSettings)
-    reward: RewardSourceSettings = sub(RewardSourceSettings)
-    method: str = zero_default("lora")
-    lora: LoraSettings = sub(LoraSettings)
-    optimizer: OptimizerSettings = sub(OptimizerSettings)
-    loop: LoopSettings = sub(LoopSettings)
-    resources: ResourcesSettings = sub(ResourcesSettings)
-    rollout: RolloutSettings = sub(RolloutSettings)
-    group_size: int = zero_default(8)  # TRL's num_generations
-    beta: float = 0.0  # TRL's default: no KL term, no reference model
-    clip_range: float = zero_default(0.2)  # TRL's epsilon
-    loss_type: str = zero_default("dapo")
-    scale_rewards: str = zero_default("group")
-    num_iterations: int = zero_default(1)  # TRL's num_iterations (mu in the GRPO paper)
-    output_name: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> GRPOConfig:
-        return super().from_dict(default_lr(data or {}), prefix=prefix)
-
-    def resolve(self) -> GRPOConfig:
-        ref = self.reference if self.reference is not None and self.reference.model else None
-        return dataclasses.replace(self, method=method_name(self.method), reference=ref)
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
-        v.check(bool(self.policy.model), f"{p}policy.model", "is required")
-        v.check(2 <= self.group_size <= 256, f"{p}group_size", "must be between 2 and 256")
-        v.check(self.beta >= 0, f"{p}beta", "must be >= 0")
-        v.check(self.clip_range > 0, f"{p}clip_range", "must be > 0")
-        v.check(self.loss_type in GRPO_LOSSES, f"{p}loss_type", f"must be one of {GRPO_LOSSES}")
-        v.check(
-            self.scale_rewards in REWARD_SCALES,
-            f"{p}scale_rewards",
-            f"must be one of {REWARD_SCALES}",
-        )
-        v.check(1 <= self.num_iterations <= 100, f"{p}num_iterations", "must be 1..100")
-        self.reward.check(v, f"{p}reward")
-        check_prompt_format(v, self.dataset, p)
-        check_data_parallel(
-            v,
-            self.resources,
-            p,
-            {
-                "rollout.batch_size": self.rollout.batch_size,
-                "loop.batch_size": self.loop.batch_size,
-            },
-        )
+from services.schema.rollouts import GRPOConfig
 
 
 def make_loss(cfg: GRPOConfig):
@@ -181,7 +105,7 @@ def make_loss(cfg: GRPOConfig):
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    cfg = GRPOConfig.from_dict(config, prefix="spec")
+    cfg = GRPOConfig.rehydrate(config)
     loop = cfg.loop
     world = mx.distributed.init()
     mx.random.seed(loop.seed)

@@ -26,21 +26,18 @@ run's batch schedule is scored before training and cached in ``<output_dir>/``
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import json
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from services import registry
 from services.rlhf.trainers import (
     dpo,
     evaluate_metrics,
@@ -51,82 +48,19 @@ from services.rlhf.trainers import (
 )
 from services.rlhf.trainers.dpo import CACHE_FILE, load_cache, sequence_logps
 from services.rlhf.trainers.losses import aux
-from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
 from services.runtime import checkpoints, datasets
-from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.errors import InvalidArgument, Violations
+from services.runtime.errors import InvalidArgument
 from services.runtime.loop import (
     Artifact,
-    DatasetSettings,
     LoopSettings,
-    ModelSettings,
-    ResourcesSettings,
-    sub,
     total_steps,
     train,
 )
-from services.runtime.optim import DictConfig, OptimizerSettings, zero_default
+from services.schema.preference import KTO_FORMATS as FORMATS
+from services.schema.preference import KTO_LOSSES, KTOConfig
 
-KTO_LOSSES = ("kto", "apo_zero_unpaired")
-FORMATS = ("unpaired_preference", "preference")
 KL_KEYS = ("kl_inputs", "kl_targets", "kl_loss_mask", "kl_lengths")
-
-
-@dataclass(frozen=True)
-class KTOConfig(DictConfig):
-    policy: ModelSettings = sub(ModelSettings)
-    reference: ModelSettings | None = None
-    dataset: DatasetSettings = sub(DatasetSettings)
-    method: str = zero_default("lora")
-    lora: LoraSettings = sub(LoraSettings)
-    optimizer: OptimizerSettings = sub(OptimizerSettings)
-    loop: LoopSettings = sub(LoopSettings)
-    resources: ResourcesSettings = sub(ResourcesSettings)
-    loss_type: str = zero_default("kto")
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    precompute_reference: bool | None = None  # None = True
-    output_name: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> KTOConfig:
-        return super().from_dict(default_lr(data or {}, *registry.get("kto").lr), prefix=prefix)
-
-    def resolve(self) -> KTOConfig:
-        ref = self.reference if self.reference is not None and self.reference.model else None
-        return dataclasses.replace(
-            self,
-            method=method_name(self.method),
-            loss_type=self.loss_type.lower().removeprefix("kto_loss_"),
-            reference=ref,
-            precompute_reference=(
-                True if self.precompute_reference is None else self.precompute_reference
-            ),
-        )
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
-        v.check(bool(self.policy.model), f"{p}policy.model", "is required")
-        v.check(self.loss_type in KTO_LOSSES, f"{p}loss_type", f"must be one of {KTO_LOSSES}")
-        v.check(self.beta > 0, f"{p}beta", "must be > 0")
-        v.check(self.desirable_weight > 0, f"{p}desirable_weight", "must be > 0")
-        v.check(self.undesirable_weight > 0, f"{p}undesirable_weight", "must be > 0")
-        v.check(
-            self.dataset.format in ("", *FORMATS),
-            f"{p}dataset.format",
-            "KTO trains on unpaired rows (prompt, completion, label) or preference rows",
-        )
-        if self.loss_type == "kto" and self.loop.micro_batch_size < 2:
-            # As TRL: with one row its own completion is its "mismatched" one, z = r.
-            v.add(
-                f"{p}loop.batch_size",
-                "the KL estimate needs >= 2 rows per micro-batch "
-                "(batch_size / grad_accumulation_steps)",
-            )
 
 
 # ---- the loss ----
@@ -367,7 +301,7 @@ def balance_note(labels: list[bool], desirable: float, undesirable: float) -> st
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    cfg = KTOConfig.from_dict(config, prefix="spec")
+    cfg = KTOConfig.rehydrate(config)
     loop, opt = cfg.loop, cfg.optimizer
     world = mx.distributed.init()
     mx.random.seed(loop.seed)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
-
+from services.schema.preference import DPO_LOSSES
+from services.schema.rollouts import GRPO_LOSSES, REWARD_SCALES
 
 # -- log-probabilities -------------------------------------------------------------------------
 
@@ -223,8 +223,6 @@ def ppo_value_loss(
 # -- GRPO --------------------------------------------------------------------------------------
 
 # TRL GRPOTrainer's loss aggregations (GRPOConfig.loss_type); "dapo" is TRL's default.
-GRPO_LOSSES = ("dapo", "grpo", "bnpo", "dr_grpo")
-REWARD_SCALES = ("group", "batch", "none")
 
 
 def group_advantages(

@@ -22,67 +22,24 @@ training (adapters 1e-5, as our DPO). No reference model: the checkpoint is the 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from services import registry
 from services.rlhf.trainers import evaluate_metrics, load_policy, run_cli, write_policy
 from services.rlhf.trainers.losses import aux, token_logps
-from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
 from services.runtime import checkpoints, datasets
-from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.errors import Violations
 from services.runtime.loop import (
     Artifact,
-    DatasetSettings,
-    LoopSettings,
-    ModelSettings,
-    ResourcesSettings,
-    sub,
     train,
 )
-from services.runtime.optim import DictConfig, OptimizerSettings, zero_default
+from services.schema.preference import ORPOConfig
 
 _LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class ORPOConfig(DictConfig):
-    policy: ModelSettings = sub(ModelSettings)
-    dataset: DatasetSettings = sub(DatasetSettings)
-    method: str = zero_default("lora")
-    lora: LoraSettings = sub(LoraSettings)
-    optimizer: OptimizerSettings = sub(OptimizerSettings)
-    loop: LoopSettings = sub(LoopSettings)
-    resources: ResourcesSettings = sub(ResourcesSettings)
-    beta: float = 0.1
-    output_name: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> ORPOConfig:
-        return super().from_dict(default_lr(data or {}, *registry.get("orpo").lr), prefix=prefix)
-
-    def resolve(self) -> ORPOConfig:
-        return dataclasses.replace(self, method=method_name(self.method))
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
-        v.check(bool(self.policy.model), f"{p}policy.model", "is required")
-        v.check(self.beta > 0, f"{p}beta", "must be > 0")
-        v.check(
-            self.dataset.format in ("", "preference"),
-            f"{p}dataset.format",
-            "ORPO trains on preference rows (prompt, chosen, rejected)",
-        )
 
 
 # ---- the loss ----
@@ -145,7 +102,7 @@ def make_loss(beta: float):
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    cfg = ORPOConfig.from_dict(config, prefix="spec")
+    cfg = ORPOConfig.rehydrate(config)
     loop, opt = cfg.loop, cfg.optimizer
     world = mx.distributed.init()
     mx.random.seed(loop.seed)

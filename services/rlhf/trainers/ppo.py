@@ -31,12 +31,10 @@ weights tokens slightly differently from one process when completion lengths dif
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -56,7 +54,6 @@ from services.rlhf.trainers import (
     train_rollouts,
 )
 from services.rlhf.trainers.data_parallel import (
-    check_data_parallel,
     gather_rows,
     mean_over_ranks,
     whiten_global,
@@ -72,16 +69,13 @@ from services.rlhf.trainers.losses import (
     ppo_value_loss,
     token_logps,
 )
-from services.rlhf.trainers.reward_model import METHODS, default_lr, method_name
 from services.rlhf.trainers.rewards import (
     RewardFn,
     RewardModelScorer,
-    RewardSourceSettings,
     parse_reward_function,
 )
 from services.rlhf.trainers.rollout import (
     RolloutRNG,
-    RolloutSettings,
     completion_logits,
     gather_positions,
     prompt_data,
@@ -90,101 +84,14 @@ from services.rlhf.trainers.rollout import (
     reference_logps,
     sample,
 )
-from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.errors import Violations
-from services.runtime.loop import (
-    DatasetSettings,
-    LoopSettings,
-    ModelSettings,
-    ResourcesSettings,
-    sub,
-)
 from services.runtime.optim import (
-    DictConfig,
     OptimizerSettings,
     build_lr_schedule,
     build_optimizer,
     learning_rate,
-    zero_default,
 )
-
-
-@dataclass(frozen=True)
-class PPOConfig(DictConfig):
-    policy: ModelSettings = sub(ModelSettings)
-    reference: ModelSettings | None = None
-    dataset: DatasetSettings = sub(DatasetSettings)
-    reward: RewardSourceSettings = sub(RewardSourceSettings)
-    method: str = zero_default("lora")
-    lora: LoraSettings = sub(LoraSettings)
-    optimizer: OptimizerSettings = sub(OptimizerSettings)
-    loop: LoopSettings = sub(LoopSettings)
-    resources: ResourcesSettings = sub(ResourcesSettings)
-    rollout: RolloutSettings = sub(RolloutSettings)
-    ppo_epochs: int = zero_default(4)
-    minibatch_size: int = zero_default(4)
-    gamma: float = zero_default(1.0)
-    lam: float = zero_default(0.95)
-    clip_range: float = zero_default(0.2)
-    clip_range_value: float = zero_default(0.2)
-    vf_coef: float = zero_default(0.1)
-    init_kl_coef: float = zero_default(0.2)
-    adaptive_kl: bool = False
-    kl_target: float = zero_default(6.0)
-    kl_horizon: float = zero_default(10000.0)
-    whiten_advantages: bool | None = None  # None = True
-    output_name: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> PPOConfig:
-        return super().from_dict(default_lr(data or {}), prefix=prefix)
-
-    def resolve(self) -> PPOConfig:
-        ref = self.reference if self.reference is not None and self.reference.model else None
-        whiten_adv = True if self.whiten_advantages is None else self.whiten_advantages
-        return dataclasses.replace(
-            self, method=method_name(self.method), reference=ref, whiten_advantages=whiten_adv
-        )
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
-        v.check(bool(self.policy.model), f"{p}policy.model", "is required")
-        v.check(1 <= self.ppo_epochs <= 100, f"{p}ppo_epochs", "must be between 1 and 100")
-        v.check(self.minibatch_size >= 1, f"{p}minibatch_size", "must be >= 1")
-        v.check(
-            self.minibatch_size <= self.rollout.batch_size,
-            f"{p}minibatch_size",
-            f"{self.minibatch_size} is larger than the rollout batch "
-            f"({self.rollout.batch_size} prompts)",
-        )
-        v.check(0 < self.gamma <= 1, f"{p}gamma", "must be in (0, 1]")
-        v.check(0 <= self.lam <= 1, f"{p}lam", "must be in [0, 1]")
-        v.check(self.clip_range > 0, f"{p}clip_range", "must be > 0")
-        v.check(self.clip_range_value > 0, f"{p}clip_range_value", "must be > 0")
-        v.check(self.vf_coef >= 0, f"{p}vf_coef", "must be >= 0")
-        v.check(self.init_kl_coef >= 0, f"{p}init_kl_coef", "must be >= 0")
-        v.check(self.kl_target > 0, f"{p}kl_target", "must be > 0")
-        v.check(self.kl_horizon > 0, f"{p}kl_horizon", "must be > 0")
-        self.reward.check(v, f"{p}reward")
-        check_prompt_format(v, self.dataset, p)
-        check_data_parallel(
-            v,
-            self.resources,
-            p,
-            {"rollout.batch_size": self.rollout.batch_size, "minibatch_size": self.minibatch_size},
-        )
-
-
-def check_prompt_format(v: Violations, dataset: DatasetSettings, p: str) -> None:
-    v.check(
-        dataset.format in ("", "prompt"),
-        f"{p}dataset.format",
-        "rollouts need prompt rows ({'prompt': ...})",
-    )
-
+from services.schema.rollouts import PPOConfig, RewardSourceSettings
 
 # ---- pieces shared with GRPO ----
 
@@ -276,7 +183,7 @@ def make_loss(cfg: PPOConfig) -> Callable:
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    cfg = PPOConfig.from_dict(config, prefix="spec")
+    cfg = PPOConfig.rehydrate(config)
     loop = cfg.loop
     world = mx.distributed.init()
     mx.random.seed(loop.seed)

@@ -19,85 +19,21 @@ TRL 1.16's RewardTrainer; its default learning rate is TRL's 1e-4. The head's bi
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from services import registry
 from services.rlhf.trainers import evaluate_metrics, heads, load_policy, run_cli, write_policy
 from services.rlhf.trainers.losses import aux, bradley_terry_loss
 from services.runtime import checkpoints, datasets
-from services.runtime.adapters import LoraSettings
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.errors import Violations
 from services.runtime.loop import (
     Artifact,
-    DatasetSettings,
-    LoopSettings,
-    ModelSettings,
-    ResourcesSettings,
-    sub,
     train,
 )
-from services.runtime.optim import DictConfig, OptimizerSettings, zero_default
-
-METHODS = ("full", "lora", "dora", "qlora")
-
-
-def method_name(raw: str) -> str:
-    return raw.lower().removeprefix("finetune_method_")
-
-
-def default_lr(data: dict, full: float = 1e-5, adapter: float = 1e-4) -> dict:
-    """The learning rate when none is given: ``full`` for full fine-tuning, ``adapter`` for
-    adapters (by default 1e-5 / 1e-4, as SFT)."""
-    data = dict(data or {})
-    opt = dict(data.get("optimizer") or {})
-    if not opt.get("learning_rate"):
-        is_full = method_name(data.get("method") or "") == "full"
-        opt["learning_rate"] = full if is_full else adapter
-    data["optimizer"] = opt
-    return data
-
-
-@dataclass(frozen=True)
-class RewardModelConfig(DictConfig):
-    model: ModelSettings = sub(ModelSettings)
-    dataset: DatasetSettings = sub(DatasetSettings)
-    method: str = zero_default("lora")
-    lora: LoraSettings = sub(LoraSettings)
-    optimizer: OptimizerSettings = sub(OptimizerSettings)
-    loop: LoopSettings = sub(LoopSettings)
-    resources: ResourcesSettings = sub(ResourcesSettings)
-    use_margin: bool = False
-    center_rewards_coef: float = 0.0
-    output_name: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> RewardModelConfig:
-        # TRL 1.16's RewardConfig: 1e-4, whatever is trained.
-        return super().from_dict(
-            default_lr(data or {}, *registry.get("reward_model").lr), prefix=prefix
-        )
-
-    def resolve(self) -> RewardModelConfig:
-        return dataclasses.replace(self, method=method_name(self.method))
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.method in METHODS, f"{p}method", f"must be one of {METHODS}")
-        v.check(bool(self.model.model), f"{p}model.model", "is required")
-        v.check(self.center_rewards_coef >= 0, f"{p}center_rewards_coef", "must be >= 0")
-        v.check(
-            self.dataset.format in ("", "preference"),
-            f"{p}dataset.format",
-            "a reward model trains on preference rows (prompt, chosen, rejected)",
-        )
+from services.schema.preference import RewardModelConfig
 
 
 def attach_reward_head(lm: nn.Module, seed: int = 0) -> nn.Module:
@@ -126,7 +62,7 @@ def make_loss(use_margin: bool, center_coef: float):
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    cfg = RewardModelConfig.from_dict(config, prefix="spec")
+    cfg = RewardModelConfig.rehydrate(config)
     loop, opt = cfg.loop, cfg.optimizer
     world = mx.distributed.init()
     mx.random.seed(loop.seed)

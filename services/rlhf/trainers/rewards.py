@@ -24,57 +24,11 @@ import mlx.core as mx
 import numpy as np
 
 from services.rlhf.trainers import heads
-from services.runtime.errors import InvalidArgument, Violations
-from services.runtime.loop import ModelSettings
-from services.runtime.optim import DictConfig
+from services.runtime.errors import InvalidArgument
+from services.schema.rollouts import reward_function_problem as function_problem
 
 # (prompts as in the dataset rows, completion token ids without EOS, their decoded text)
 RewardFn = Callable[[Sequence[Any], Sequence[list[int]], Sequence[str]], list[float]]
-
-FUNCTIONS = ("token_count:<token>", "length", "contains:<text>")
-
-
-def function_problem(spec: str) -> str | None:
-    """Why ``spec`` is not a built-in reward function (syntax only), or None."""
-    name, _, arg = spec.partition(":")
-    if (name == "length" and not arg) or (name in ("token_count", "contains") and arg):
-        return None
-    return f"unknown reward function {spec!r}; expected one of {', '.join(FUNCTIONS)}"
-
-
-@dataclass(frozen=True)
-class RewardSourceSettings(DictConfig):
-    """Mirrors RewardSource: exactly one of a reward checkpoint or a built-in function."""
-
-    reward_model: ModelSettings | None = None
-    reward_function: str = ""
-
-    def check(self, v: Violations, prefix: str) -> None:
-        """Every problem, the absence of both sources included (a trainer's config calls
-        this: a spec without ``reward`` never reaches ``validate``)."""
-        has_model = self.reward_model is not None and bool(self.reward_model.model)
-        if not has_model and not self.reward_function:
-            v.add(
-                prefix,
-                "give a reward model (reward.reward_model) or a reward function "
-                "(reward.reward_function: " + ", ".join(FUNCTIONS) + ")",
-            )
-        elif has_model and self.reward_function:
-            v.add(prefix, "give a reward model or a reward function, not both")
-        elif self.reward_function:
-            problem = function_problem(self.reward_function)
-            if problem:
-                v.add(f"{prefix}.reward_function", problem)
-        else:
-            path = Path(self.reward_model.model)
-            if not path.exists():
-                v.add(f"{prefix}.reward_model.model", f"not found: {path}")
-            elif heads.head_metadata(path) is None:
-                v.add(
-                    f"{prefix}.reward_model.model",
-                    f"{path} is not a reward checkpoint: it has no value head "
-                    f"({heads.HEAD_FILE}); train one with StartRewardModel",
-                )
 
 
 def _single_token(tokenizer: Any, token: str, field: str) -> int:

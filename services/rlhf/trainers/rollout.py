@@ -12,7 +12,6 @@ the prompt stream itself (``prompt_data``) and the reference model's log-probs.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,53 +28,7 @@ from services.rlhf.trainers import Policy, eos_ids, pad_id
 from services.rlhf.trainers.data_parallel import rank_key
 from services.rlhf.trainers.losses import token_logps
 from services.runtime import datasets
-from services.runtime.errors import Violations
-from services.runtime.optim import DictConfig, zero_default
-
-
-@dataclass(frozen=True)
-class RolloutSampling(DictConfig):
-    """Mirrors SamplingParams. Rollouts must sample, so temperature 0 ("unset") means 1.0."""
-
-    temperature: float = zero_default(1.0)
-    top_p: float = 0.0
-    top_k: int = 0
-    max_tokens: int = zero_default(128)
-    stop: tuple[str, ...] = ()
-    seed: int | None = None  # None: the loop's seed
-    repetition_penalty: float = 0.0
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(0 < self.temperature <= 10, f"{p}temperature", "must be in (0, 10]")
-        v.check(0 <= self.top_p <= 1, f"{p}top_p", "must be in [0, 1]")
-        v.check(self.top_k >= 0, f"{p}top_k", "must be >= 0")
-        v.check(1 <= self.max_tokens <= 4096, f"{p}max_tokens", "must be between 1 and 4096")
-        v.check(all(self.stop), f"{p}stop", "stop strings must be non-empty")
-        v.check(
-            self.repetition_penalty in (0.0, 1.0),
-            f"{p}repetition_penalty",
-            "is not supported in rollouts (it would bias the policy's log-probs)",
-        )
-
-
-@dataclass(frozen=True)
-class RolloutSettings(DictConfig):
-    """Mirrors RolloutConfig."""
-
-    batch_size: int = zero_default(8)  # prompts per rollout batch
-    sampling: RolloutSampling = dataclasses.field(default_factory=RolloutSampling)
-    endpoint: str = ""
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(1 <= self.batch_size <= 4096, f"{p}batch_size", "must be between 1 and 4096")
-        v.check(
-            not self.endpoint,
-            f"{p}endpoint",
-            "remote generation endpoints are not supported by the trainers yet; leave it "
-            "empty for local batched generation",
-        )
+from services.schema.rollouts import RolloutSampling, RolloutSettings
 
 
 @dataclass

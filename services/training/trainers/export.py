@@ -16,8 +16,6 @@ The result is opened with ``mlx_lm.load`` and run on a few tokens before it is p
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +23,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from services.runtime import adapters, checkpoints, models
-from services.runtime.adapters import QuantizationSettings
 from services.runtime.contract import CheckpointInfo, JobContext, Report
-from services.runtime.errors import FailedPrecondition, InvalidArgument, Violations
-from services.runtime.loop import ModelSettings, sub
-from services.runtime.optim import DictConfig, zero_default
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.schema.training import ExportConfig
 from services.training.trainers.sft import save_full, source_dir
 
 MODES = ("fuse", "quantize", "dequantize")
-
-
-@dataclass(frozen=True)
-class ExportConfig(DictConfig):
-    model: ModelSettings = sub(ModelSettings)
-    mode: str = zero_default("fuse")
-    quantization: QuantizationSettings = sub(QuantizationSettings)
-    output_name: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    def resolve(self) -> ExportConfig:
-        return dataclasses.replace(self, mode=self.mode.lower())
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.mode in MODES, f"{p}mode", f"must be one of {MODES}")
-        v.check(bool(self.model.model), f"{p}model.model", "is required")
-        if self.mode == "fuse":
-            v.check(bool(self.model.adapter_path), f"{p}model.adapter_path", "fuse needs one")
 
 
 def _load(path: str, adapter_path: str | None) -> tuple[nn.Module, Any, dict]:
@@ -79,7 +56,7 @@ def _check_loads(path: Path) -> None:
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    cfg = ExportConfig.from_dict(config, prefix="spec")
+    cfg = ExportConfig.rehydrate(config)
     src = cfg.model.model
     adapter = cfg.model.adapter_path or None
     if cfg.mode != "fuse" and adapter:

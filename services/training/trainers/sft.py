@@ -17,11 +17,9 @@ where config.json is e.g. ``{"model": {"model": "/path/to/mlx-model"}, "dataset"
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,64 +27,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from services import registry
 from services.runtime import adapters, checkpoints, datasets, models
-from services.runtime.adapters import LoraSettings, QuantizationSettings
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.errors import Violations
 from services.runtime.loop import (
     Artifact,
-    DatasetSettings,
-    LoopSettings,
-    ModelSettings,
-    ResourcesSettings,
-    sub,
     train,
 )
-from services.runtime.optim import DictConfig, OptimizerSettings, zero_default
+from services.schema.training import SFTConfig
 
 FORMATS = ("text", "chat", "completion")
 # Sort each epoch's rows by length before batching (as mlx-lm does): far less padding.
 SORT_CHUNK = 1 << 30
-
-
-@dataclass(frozen=True)
-class SFTConfig(DictConfig):
-    model: ModelSettings = sub(ModelSettings)
-    dataset: DatasetSettings = sub(DatasetSettings)
-    method: str = zero_default("lora")  # full | lora | dora | qlora
-    lora: LoraSettings = sub(LoraSettings)
-    quantization: QuantizationSettings = sub(QuantizationSettings)
-    optimizer: OptimizerSettings = sub(OptimizerSettings)
-    loop: LoopSettings = sub(LoopSettings)
-    resources: ResourcesSettings = sub(ResourcesSettings)
-    output_name: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict | None = None, *, prefix: str = "") -> SFTConfig:
-        data = dict(data or {})
-        # The default learning rate depends on the method: 1e-5 full, 1e-4 adapters.
-        opt = dict(data.get("optimizer") or {})
-        if not opt.get("learning_rate"):
-            full, adapter = registry.get("sft").lr
-            opt["learning_rate"] = full if data.get("method") == "full" else adapter
-        data["optimizer"] = opt
-        return super().from_dict(data, prefix=prefix)
-
-    def resolve(self) -> SFTConfig:
-        return dataclasses.replace(self, method=self.method.lower())
-
-    def validate(self, v: Violations, prefix: str) -> None:
-        p = f"{prefix}." if prefix else ""
-        v.check(self.method in adapters.METHODS, f"{p}method", f"one of {adapters.METHODS}")
-        v.check(bool(self.model.model), f"{p}model.model", "is required")
-        v.check(bool(self.dataset.path), f"{p}dataset.path", "is required")
-        v.check(
-            self.dataset.format in ("", *FORMATS),
-            f"{p}dataset.format",
-            f"SFT takes {', '.join(FORMATS)} data",
-        )
 
 
 # ---- loss ----
@@ -182,7 +133,7 @@ def save_full(dst: Path, model: nn.Module, tokenizer: Any, config: dict, source:
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    cfg = SFTConfig.from_dict(config, prefix="spec")
+    cfg = SFTConfig.rehydrate(config)
     loop, opt = cfg.loop, cfg.optimizer
     world = mx.distributed.init()
     mx.random.seed(loop.seed)
