@@ -98,26 +98,55 @@ class RLHFServicer(rlhf_pb2_grpc.RLHFServiceServicer):
     """Every RLHF method's Start RPC from services.registry (see rpc/starts.py), and Score."""
 
     def __init__(self, host: JobsHost) -> None:
+        from services.rlhf.scoring import ScorerCache
+        from services.runtime.rpc.generation_servicer import Admission
+
         self.host = host
+        limits = host.settings.limits
+        self.scorers = ScorerCache()
+        self.admission = Admission(limits.generate_concurrency, limits.generate_queue)
 
     async def Score(
         self, request: rlhf_pb2.ScoreRequest, context: aio.ServicerContext
     ) -> rlhf_pb2.ScoreResponse:
-        from services.rlhf.trainers.rewards import score_pairs
+        """Bounded as Generate is: items by count and tokens, the call by its deadline (or
+        MLXU_GENERATE_MAX_SECONDS), admission by the generation queue's limits."""
+        from services.rlhf import scoring
         from services.rlhf.validate import check_score
+        from services.runtime.rpc.generation_servicer import _Call
 
         if not request.items:
             raise InvalidArgument.one("items", "must not be empty")
         for n, item in enumerate(request.items):
             if not (item.prompt or item.completion):
                 raise InvalidArgument.one(f"items[{n}]", "needs a prompt or a completion")
+        limits = self.host.settings.limits
         path = _reward_checkpoint(
             request.reward_model.model, self.host.settings, "reward_model.model"
         )
-        ref = {"model": path}
-        check_score(ref)
+        check_score({"model": path})
         items = [(i.prompt, i.completion) for i in request.items]
-        scores = await asyncio.to_thread(score_pairs, ref["model"], items)
+        call = _Call(context, float(limits.generate_max_seconds))
+        await self.admission.acquire()
+
+        def work() -> list[float]:
+            try:
+                return scoring.score(
+                    self.scorers,
+                    path,
+                    items,
+                    max_tokens=limits.generate_max_prompt_tokens,
+                    should_stop=call.should_stop,
+                )
+            finally:
+                self.admission.release()
+
+        try:
+            scores = await asyncio.to_thread(work)
+        except scoring.Stopped as exc:
+            from services.runtime import generation
+
+            raise call.stopped(generation.Stopped(str(exc))) from None
         return rlhf_pb2.ScoreResponse(scores=scores)
 
 
