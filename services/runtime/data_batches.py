@@ -15,18 +15,20 @@ Layout of one batch (``L`` = bucket, ``b`` = ``batch_size // world_size``)::
     ntokens        python int  sum(loss_mask) of this rank's slice
     global_ntokens python int  the same over the whole global batch (normalise by this for
                                a loss identical to the one-process run)
+
+This module holds the item types, the buckets and the collation into arrays; which rows form
+each batch, and the resumable position, live in data_schedule.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from services.runtime.errors import InvalidArgument
+from services.runtime.data_schedule import Resumable
 
 
 @dataclass(frozen=True)
@@ -105,161 +107,6 @@ def bucket_for(length: int, max_seq_length: int) -> int:
     return max_seq_length
 
 
-class _Schedule:
-    """Which item indices form global batch ``index`` of epoch ``epoch``.
-
-    Shuffling permutes with an RNG seeded by (seed, epoch) alone, so any position can be
-    recomputed from scratch: that is what makes resume exact. Training epochs drop the
-    remainder (a different one each epoch); a validation pass keeps it, padded with -1
-    (an empty row) so every batch has the same number of rows.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        *,
-        seed: int,
-        shuffle: bool,
-        rank: int,
-        world_size: int,
-        sort_chunk: int,
-        field: str,
-    ) -> None:
-        n = len(lengths)
-        if batch_size < 1:
-            raise InvalidArgument.one(field, f"must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad rank {rank} for world_size {world_size}")
-        if batch_size % world_size:
-            raise InvalidArgument.one(
-                field,
-                f"batch_size {batch_size} must be divisible by the number of processes "
-                f"({world_size})",
-            )
-        if shuffle and n < batch_size:
-            raise InvalidArgument.one(
-                field, f"batch_size {batch_size} is larger than the dataset ({n} rows)"
-            )
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.sort_chunk = max(0, sort_chunk)
-        self.local = batch_size // world_size
-        self.lo = rank * self.local
-        self.steps_per_epoch = n // batch_size if shuffle else -(-n // batch_size)
-        self._cache: tuple[int, list[list[int]]] | None = None
-
-    def order(self, epoch: int) -> list[list[int]]:
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        n, bs = len(self.lengths), self.batch_size
-        if self.shuffle:
-            # SeedSequence wants non-negative entropy; proto seeds are int64.
-            rng = np.random.default_rng([self.seed % 2**64, epoch])
-            idx = rng.permutation(n)[: self.steps_per_epoch * bs].tolist()
-        else:
-            rng = None
-            idx = list(range(n))
-        chunk = self.sort_chunk * bs or len(idx)
-        out: list[list[int]] = []
-        for c in range(0, len(idx), chunk):
-            part = idx[c : c + chunk]
-            if self.sort_chunk:
-                # Neighbours of similar length share a bucket: less padding.
-                part = sorted(part, key=lambda i: self.lengths[i])
-            group = [part[i : i + bs] for i in range(0, len(part), bs)]
-            if rng is not None and self.sort_chunk:
-                group = [group[i] for i in rng.permutation(len(group))]
-            out.extend(group)
-        if out and len(out[-1]) < bs:
-            out[-1] = out[-1] + [-1] * (bs - len(out[-1]))
-        self._cache = (epoch, out)
-        return out
-
-    def local_slice(self, global_idx: list[int]) -> list[int]:
-        return global_idx[self.lo : self.lo + self.local]
-
-
-class _Resumable:
-    """Position keeping shared by every batch kind: state(), restore(), epoch, iteration."""
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        *,
-        seed: int,
-        shuffle: bool,
-        rank: int,
-        world_size: int,
-        sort_chunk: int,
-        limit: int | None,
-        field: str,
-    ) -> None:
-        self._sched = _Schedule(
-            lengths,
-            batch_size,
-            seed=seed,
-            shuffle=shuffle,
-            rank=rank,
-            world_size=world_size,
-            sort_chunk=sort_chunk,
-            field=field,
-        )
-        self.shuffle = shuffle
-        self.limit = limit
-        self.batch_size = batch_size
-        self._epoch = 0
-        self._index = 0
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._sched.steps_per_epoch
-
-    @property
-    def epoch(self) -> float:
-        """Progress in epochs, e.g. 1.25 = a quarter into the second epoch."""
-        return self._epoch + self._index / max(1, self.steps_per_epoch)
-
-    def __len__(self) -> int:
-        """Batches in one epoch (one validation pass, after ``limit``)."""
-        n = self.steps_per_epoch
-        return n if self.limit is None or self.limit < 0 else min(n, self.limit)
-
-    def state(self) -> dict[str, int]:
-        """Position of the *next* batch: pass to restore() to continue with it."""
-        return {"epoch": self._epoch, "index": self._index}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
-            raise ValueError(f"batch state {state} out of range ({self.steps_per_epoch}/epoch)")
-        if index == self.steps_per_epoch:
-            epoch, index = epoch + 1, 0
-        self._epoch, self._index = epoch, index
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if not self.shuffle:
-            # A validation pass: always from the start, once.
-            for k, idx in enumerate(self._sched.order(0)):
-                if k >= len(self):
-                    return
-                yield self._collate(idx)
-            return
-        while True:
-            # Read the position afresh each step, so restore() applies mid-iteration too.
-            idx = self._sched.order(self._epoch)[self._index]
-            self._index += 1
-            if self._index >= self.steps_per_epoch:
-                self._epoch, self._index = self._epoch + 1, 0
-            yield self._collate(idx)
-
-    def _collate(self, global_idx: list[int]) -> dict[str, Any]:
-        raise NotImplementedError
-
-
 def _pack(
     seqs: list[Tokenized | None], length: int, pad_id: int, max_seq_length: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -294,7 +141,18 @@ def _arrays(toks: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> dict[str
     }
 
 
-class Batches(_Resumable):
+def _padded(
+    every: list[Tokenized | None], mine: list[Tokenized | None], pad_id: int, max_seq_length: int
+) -> dict[str, Any]:
+    """This rank's rows ``mine`` as inputs / targets / loss_mask / lengths / ntokens, padded
+    to the bucket of the longest row of the whole global batch ``every`` (so all ranks agree
+    on the shape). Every batch kind over Tokenized rows collates through this."""
+    longest = max((len(t.tokens) for t in every if t is not None), default=1)
+    length = bucket_for(min(longest, max_seq_length), max_seq_length)
+    return _arrays(*_pack(mine, length, pad_id, max_seq_length))
+
+
+class Batches(Resumable):
     """Language-model batches over Tokenized items (see the module docstring for the layout).
 
     shuffle=True: endless, reshuffled each epoch, resumable with state()/restore().
@@ -336,15 +194,17 @@ class Batches(_Resumable):
     def _collate(self, global_idx: list[int]) -> dict[str, Any]:
         msl = self.max_seq_length
         every = [self.items[i] if i >= 0 else None for i in global_idx]
-        longest = max((len(t.tokens) for t in every if t is not None), default=1)
-        length = bucket_for(min(longest, msl), msl)
-        mine = [self.items[i] if i >= 0 else None for i in self._sched.local_slice(global_idx)]
-        batch = _arrays(*_pack(mine, length, self.pad_id, msl))
+        batch = _padded(every, self._sched.local_slice(every), self.pad_id, msl)
         batch["global_ntokens"] = sum(_targets(t, msl) for t in every)
         return batch
 
 
-class PreferenceBatches(_Resumable):
+def _halves(pairs: list[PreferencePair | None]) -> list[Tokenized | None]:
+    """The chosen answers of ``pairs``, then the rejected ones (None for an empty row)."""
+    return [p.chosen if p else None for p in pairs] + [p.rejected if p else None for p in pairs]
+
+
+class PreferenceBatches(Resumable):
     """DPO / reward-model batches: chosen and rejected of the same pairs, stacked.
 
     inputs / targets / loss_mask are [2b, L]: rows [0:b] chosen, rows [b:2b] the rejected
@@ -386,23 +246,17 @@ class PreferenceBatches(_Resumable):
     def _collate(self, global_idx: list[int]) -> dict[str, Any]:
         msl = self.max_seq_length
         every = [self.pairs[i] if i >= 0 else None for i in global_idx]
-        longest = max(
-            (max(len(p.chosen.tokens), len(p.rejected.tokens)) for p in every if p), default=1
-        )
-        length = bucket_for(min(longest, msl), msl)
-        mine = [self.pairs[i] if i >= 0 else None for i in self._sched.local_slice(global_idx)]
-        seqs = [p.chosen if p else None for p in mine] + [p.rejected if p else None for p in mine]
-        batch = _arrays(*_pack(seqs, length, self.pad_id, msl))
-        batch["global_ntokens"] = sum(
-            _targets(p.chosen, msl) + _targets(p.rejected, msl) for p in every if p
-        )
+        mine = self._sched.local_slice(every)
+        seqs = _halves(every)
+        batch = _padded(seqs, _halves(mine), self.pad_id, msl)
+        batch["global_ntokens"] = sum(_targets(t, msl) for t in seqs)
         if self.has_margin:
             margins = [float(p.margin or 0.0) if p else 0.0 for p in mine]
             batch["margin"] = mx.array(np.asarray(margins, np.float32))
         return batch
 
 
-class UnpairedBatches(_Resumable):
+class UnpairedBatches(Resumable):
     """KTO batches over UnpairedItems: the module docstring's layout for the rows themselves,
     plus ``label`` float32 [b] (1 desirable, 0 undesirable or an empty row) and the KL rows
     ``kl_inputs`` / ``kl_targets`` / ``kl_loss_mask`` [b, L'] and ``kl_lengths`` [b]: row k's
@@ -451,21 +305,17 @@ class UnpairedBatches(_Resumable):
             kl[k] = every[k].with_completion_of(every[real[n - 1]], msl)
         seqs = [it.seq if it else None for it in every]
         local = self._sched.local_slice
-        out: dict[str, Any] = {}
-        for prefix, rows in (("", seqs), ("kl_", kl)):
-            longest = max((len(t.tokens) for t in rows if t is not None), default=1)
-            length = bucket_for(min(longest, msl), msl)
-            arrays = _arrays(*_pack(local(rows), length, self.pad_id, msl))
-            if prefix:
-                arrays.pop("ntokens")
-            out.update({prefix + k: v for k, v in arrays.items()})
+        out = _padded(seqs, local(seqs), self.pad_id, msl)
+        kl_arrays = _padded(kl, local(kl), self.pad_id, msl)
+        kl_arrays.pop("ntokens")
+        out.update({"kl_" + k: v for k, v in kl_arrays.items()})
         labels = [1.0 if it is not None and it.label else 0.0 for it in local(every)]
         out["label"] = mx.array(np.asarray(labels, np.float32))
         out["global_ntokens"] = sum(_targets(t, msl) for t in seqs)
         return out
 
 
-class PromptBatches(_Resumable):
+class PromptBatches(Resumable):
     """Rollout prompts, unpadded: {"tokens": [[int]], "prompts": [raw], "rows": [dict]}.
 
     In a validation pass (shuffle=False) the last batch may be short, or empty on a rank.

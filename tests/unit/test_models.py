@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from services.runtime import gguf, models
+from services.runtime import gguf, model_build, models
 from services.runtime.errors import InvalidArgument
 from services.runtime.models import (
     build_tiny_model,
@@ -110,9 +110,9 @@ def test_concurrent_publish_keeps_the_first_build(tmp_path: Path) -> None:
     for d, tag in ((first, "first"), (second, "second")):
         d.mkdir()
         (d / "config.json").write_text(tag)
-        (d / models._STAMP).write_text(json.dumps(stamp))
-    models._publish(first, final, stamp)
-    models._publish(second, final, stamp)  # lost the race: must not raise or clobber
+        (d / model_build._STAMP).write_text(json.dumps(stamp))
+    model_build._publish(first, final, stamp)
+    model_build._publish(second, final, stamp)  # lost the race: must not raise or clobber
     assert (final / "config.json").read_text() == "first"
 
 

@@ -8,218 +8,42 @@ first teacher's layers), prepare the data, optionally precompute the teacher top
 hand a loss and a batch stream to the shared loop (services.runtime.loop). The stream adds
 what the loss needs to each batch (row mixture weights, the scheduled temperature, cached
 teacher top-k) and swaps in student-generated completions for on-policy batches.
+
+This module is the run's setup; the loss lives in kd_loss.py and the stream in kd_stream.py,
+and their names stay importable from here (``__all__``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from services.distillation import validate as validation
-from services.distillation.trainers import losses, student, teachers
+from services.distillation.trainers import student, teachers
+from services.distillation.trainers.kd_loss import finish_metrics, make_loss_fn
+from services.distillation.trainers.kd_stream import IndexedBatches, KDStream, StreamParts
 from services.runtime import adapters, checkpoints, datasets, models
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.data_batches import Batches
 from services.runtime.errors import InvalidArgument
 from services.runtime.loop import Artifact, LoopSettings, OptimizerSettings, total_steps, train
 
+__all__ = [
+    "FORMATS",
+    "PROJ",
+    "IndexedBatches",
+    "KDStream",
+    "StreamParts",
+    "finish_metrics",
+    "make_loss_fn",
+    "run",
+]
+
 PROJ = student.PROJ
 FORMATS = ("text", "chat", "completion")
-
-
-class IndexedBatches(Batches):
-    """Batches that also say which items they hold ("rows", -1 = padding row), so routing and
-    the teacher cache can find each row's teacher data."""
-
-    def _collate(self, global_idx: list[int]) -> dict[str, Any]:
-        batch = super()._collate(global_idx)
-        batch["rows"] = self._sched.local_slice(global_idx)
-        return batch
-
-
-@dataclasses.dataclass
-class StreamParts:
-    weights: np.ndarray  # [N] normalised mixture weights
-    route: list[int] | None  # teacher index of every item when routing
-    temperature: losses.Temperature
-    total: int
-    accum: int
-    cache: teachers.TeacherCache | None = None
-    vocab: int = 0
-    top_k: int = 0
-    teachers: list[teachers.Teacher] = dataclasses.field(default_factory=list)
-
-
-class KDStream:
-    """Wraps IndexedBatches: resumable (the loop saves state()), and counts micro-batches so the
-    annealed temperature and the seeded on-policy coin flips continue exactly on resume."""
-
-    def __init__(
-        self,
-        inner: IndexedBatches,
-        parts: StreamParts,
-        *,
-        policy=None,
-        seed: int = 0,
-        step_of=None,
-        rank: int = 0,
-    ) -> None:
-        self.inner, self.parts, self.policy, self.seed = inner, parts, policy, seed
-        # Data parallel: each rank completes its own rows; the same coin flips on every rank
-        # (all take on-policy steps together), a different sampling seed on each.
-        self.rank = rank
-        self.served = 0
-        self.step_of = step_of  # valid stream: the train stream's step
-
-    steps_per_epoch = property(lambda self: self.inner.steps_per_epoch)
-    epoch = property(lambda self: self.inner.epoch)
-
-    @property
-    def step(self) -> int:
-        return self.served // self.parts.accum
-
-    def state(self) -> dict:
-        return {"batches": self.inner.state(), "served": self.served}
-
-    def restore(self, state: dict) -> None:
-        self.inner.restore(state["batches"])
-        self.served = int(state["served"])
-
-    def __iter__(self) -> Iterator[dict]:
-        for batch in self.inner:
-            yield self.decorate(batch)
-
-    def decorate(self, batch: dict) -> dict:
-        p = self.parts
-        rows = batch.pop("rows")
-        step = self.step_of() if self.step_of else self.step
-        counter, self.served = self.served, self.served + (0 if self.step_of else 1)
-        fresh = False
-        if self.policy is not None:
-            coin = np.random.default_rng([self.seed % 2**63, counter]).random()
-            if coin < self.policy.fraction:
-                seed = self.seed * 1_000_003 + counter + self.rank * 0x9E3779B1
-                batch = self.policy.replace(rows, seed=seed)
-                fresh = True
-        batch["teacher_weights"] = mx.array(teachers.row_weights(p.route, p.weights, rows))
-        batch["temperature"] = mx.array(p.temperature.scheduled(step, p.total), mx.float32)
-        if p.cache is not None:
-            if fresh:  # new completions: the teachers score them now, in the cache's format
-                idx, top, rest = teachers.combined_topk(
-                    p.teachers, batch["teacher_weights"], batch["inputs"], p.vocab, p.top_k
-                )
-                batch.update(t_idx=mx.array(idx), t_top=mx.array(top), t_rest=mx.array(rest))
-            else:
-                batch.update(p.cache.lookup(rows, batch["inputs"].shape[1]))
-        return batch
-
-
-# --- the loss ----------------------------------------------------------------------------------
-
-
-def make_loss_fn(
-    c: validation.DistillConfig,
-    ts: list[teachers.Teacher],
-    vocab: int,
-    pairs: list[tuple[int, int]],
-    cached: bool,
-    chunked: bool = True,
-    blockwise: bool = True,
-):
-    """loss_fn(model, batch) -> (loss, tokens, metrics) for the shared loop. `blockwise`: the
-    student has the llama layout (else its full logits feed the chunks; see student.forward)."""
-    kd_cfg = losses.KDSettings(c.alpha, c.divergence, c.jsd_beta, c.temperature)
-    s_cap, t_cap = [s for s, _ in pairs], [t for _, t in pairs]
-    n = len(c.teachers)
-    per_teacher = not (cached and n > 1 and not c.route_field)
-
-    def loss_fn(model, batch):
-        inputs, length = batch["inputs"], batch["inputs"].shape[1]
-        s_h, s_feats = student.forward(model, inputs, s_cap, blockwise)
-        t_hs, t_feats = [], {}
-        if not cached:
-            outs = [
-                teachers.teacher_hidden(t, inputs, t_cap if i == 0 else ())
-                for i, t in enumerate(ts)
-            ]
-            t_hs, t_feats = [o[0] for o in outs], outs[0][1]
-        head = student.head_module(model) if blockwise else None
-
-        seq_keys = ["targets", "loss_mask"] + (["t_idx", "t_top", "t_rest"] if cached else [])
-
-        def chunk_sums(head_params, diff, seq, consts):
-            (s_hc,) = diff
-            t_hcs, x = seq[: len(t_hs)], dict(zip(seq_keys, seq[len(t_hs) :], strict=True))
-            w, temp = consts
-            if head_params:
-                head.update(tree_unflatten(list(head_params.items())))
-            s_logits = student.head(model, s_hc, blockwise)
-            if cached:
-                terms = losses.cached_token_terms(
-                    s_logits, x["t_idx"], x["t_top"], x["t_rest"], x["targets"], temp, kd_cfg, vocab
-                )
-            else:
-                t_logits = [
-                    teachers.head_logits(t, mx.stop_gradient(h), vocab)
-                    for t, h in zip(ts, t_hcs, strict=True)
-                ]
-                terms = losses.token_terms(s_logits, t_logits, w, x["targets"], temp, kd_cfg)
-            return losses.masked_sums(terms, x["loss_mask"], w)
-
-        params = dict(tree_flatten(head.trainable_parameters())) if head is not None else {}
-        seq = [*t_hs, *(batch[k] for k in seq_keys)]
-        consts = [batch["teacher_weights"], batch["temperature"]]
-        if chunked:
-            total = losses.chunked_sum(chunk_sums, params, [s_h], seq, consts, length, c.chunk_size)
-        else:
-            total = chunk_sums(params, [s_h], seq, consts)
-        ntok = total["tokens"]
-        denom = mx.maximum(ntok, 1.0)
-        ce, kd = total["ce"] / denom, total["kd"] / denom
-        feat = mx.array(0.0)
-        for k, (si, ti) in enumerate(pairs):
-            d = losses.feature_distance(model[PROJ](k, s_feats[si]), t_feats[ti], c.features.loss)
-            feat = feat + mx.sum(d * batch["loss_mask"]) / denom / len(pairs)
-        loss = (1 - c.alpha) * ce + c.alpha * kd + c.features.weight * feat
-        metrics = {
-            "ce_loss": ce,
-            "kd_loss": kd,
-            "feature_loss": feat,
-            "temperature": total["temperature"] / denom,
-        }
-        if per_teacher:
-            # Token-weighted sums the loop can average over steps; `finish_metrics` divides.
-            for i in range(n):
-                metrics[f"kd_teacher_{i}"] = total["kd_teachers"][i] / denom
-                metrics[f"kd_teacher_{i}_tokens"] = total["teacher_tokens"][i] / denom
-        return loss, ntok, metrics
-
-    return loss_fn
-
-
-def finish_metrics(m: dict[str, float], n: int) -> dict[str, float]:
-    """Reported metrics: `loss` (= train_loss) and kd_teacher_i as the mean over the tokens that
-    teacher i scored in the window (absent when it scored none, e.g. no routed rows);
-    kd_teacher_i_tokens is the fraction of counted tokens it scored."""
-    out = {"loss": m.get("train_loss", 0.0), **m}
-    for i in range(n):
-        frac = out.get(f"kd_teacher_{i}_tokens")
-        if frac is None:
-            continue
-        if frac > 0:
-            out[f"kd_teacher_{i}"] = out[f"kd_teacher_{i}"] / frac
-        else:
-            out.pop(f"kd_teacher_{i}", None)
-    return out
-
-
-# --- run ---------------------------------------------------------------------------------------
 
 
 def _routes(c, data, tokenizer, specs) -> tuple[list[int], list[int]]:
