@@ -114,11 +114,6 @@ def render() -> str:
             continue
         seen.add(cls)
         lines += _rows(cls, seen)
-    lines.append(
-        "The distillation spec (`DistillConfig`) is still parsed by hand in "
-        "`services/distillation/validate.py`; its shared sections (loop, optimizer, lora, "
-        "resources) use the schema above. See docs/distillation.md for its fields."
-    )
     return "\n".join(lines).rstrip() + "\n"
 
 

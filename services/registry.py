@@ -132,7 +132,7 @@ METHODS: tuple[Method, ...] = (
         "distill", "distillation", "StartDistillation", dpb.StartDistillationRequest,
         dpb.StartDistillationResponse, dpb.DistillationSpec, SK.STAGE_KIND_DISTILL,
         trainer="services.distillation.trainers.kd:run",
-        config="services.distillation.validate:DistillConfig",
+        config="services.schema.distill:DistillSettings",
         prepare="services.distillation.server:distill_config",
         check="services.distillation.server:check_spec",
         model_field="student", inputs=("model", "teacher"),

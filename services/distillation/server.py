@@ -9,7 +9,7 @@ from grpc import aio
 from mlx_unified.v1 import common_pb2, common_pb2_grpc, distillation_pb2, distillation_pb2_grpc
 from services import registry
 from services.runtime import specs
-from services.runtime.errors import InvalidArgument, Violations
+from services.runtime.errors import InvalidArgument
 from services.runtime.refs import resolve_dataset, resolve_model_ref
 from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
 from services.runtime.rpc.server import ServiceHandle
@@ -23,16 +23,6 @@ def check_spec(spec: distillation_pb2.DistillationSpec, prefix: str = "spec") ->
     """Every distillation rule that needs no file (the orchestrator runs it on its stages)."""
     from services.distillation.validate import parse
 
-    v = Violations()
-    v.check(len(spec.teachers) > 0, f"{prefix}.teachers", "at least one teacher is required")
-    init = spec.student_init
-    has_init = bool(init.keep_teacher_layers) or init.num_layers > 0
-    v.check(
-        bool(spec.student.model) or has_init,
-        f"{prefix}.student.model",
-        "is required (or build the student from the teacher with spec.student_init)",
-    )
-    v.raise_if_any()
     try:
         parse(specs.to_dict(spec))
     except InvalidArgument as e:

@@ -1,6 +1,8 @@
 """Validation of a distillation config (the DistillationSpec as a plain dict), before a job
 exists, and its resolution into the frozen settings the trainer runs with.
 
+The field rules are the schema's (services.schema.distill.DistillSettings); this module adds
+the checks that read files and gives the trainer its view (``DistillConfig``).
 `validate(config)` collects every problem and raises one InvalidArgument whose violations name
 the spec field ("spec.teachers[1].weight", "spec.features.layer_map[0].teacher_layer") or the
 dataset row ("spec.dataset.path": "row 3: domain='law' matches no teacher's route_value").
@@ -14,14 +16,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from services.distillation.trainers.losses import (
-    DIVERGENCES,
-    FEATURE_LOSSES,
-    TEMPERATURE_MODES,
-    Temperature,
-)
+from services.distillation.trainers.losses import Temperature
 from services.distillation.trainers.teachers import (
     TeacherSpec,
     check_tokenizers,
@@ -29,48 +25,10 @@ from services.distillation.trainers.teachers import (
     signature_from_dir,
 )
 from services.runtime.errors import InvalidArgument, Violations
-from services.schema.common import (
-    FINETUNE_METHODS,
-    LoopSettings,
-    LoraSettings,
-    OptimizerSettings,
-    ResourcesSettings,
-)
+from services.schema.common import FINETUNE_METHODS
+from services.schema.distill import DistillSettings
 
 METHODS = FINETUNE_METHODS
-SECTIONS = {
-    "loop": LoopSettings,
-    "optimizer": OptimizerSettings,
-    "lora": LoraSettings,
-    "resources": ResourcesSettings,
-}
-KNOWN_KEYS = {
-    "student",
-    "teachers",
-    "route_field",
-    "dataset",
-    "method",
-    "lora",
-    "optimizer",
-    "loop",
-    "resources",
-    "divergence",
-    "alpha",
-    "jsd_beta",
-    "temperature",
-    "features",
-    "on_policy",
-    "teacher_cache",
-    "student_init",
-    "output_name",
-    "labels",
-    "chunk_size",  # not in the proto: positions per loss chunk (memory vs speed), default 128
-}
-
-
-def _enum(value: Any, prefix: str, default: str) -> str:
-    s = str(value or "").strip().lower().removeprefix(prefix)
-    return default if s in ("", "unspecified") else s
 
 
 @dataclass(frozen=True)
@@ -128,171 +86,54 @@ class DistillConfig:
     chunk_size: int = 128
 
 
-def parse(config: dict) -> DistillConfig:
-    """Resolve defaults and check ranges (no I/O). Raises InvalidArgument."""
-    v = Violations()
+def parse(config: dict, *, validated: bool = False) -> DistillConfig:
+    """The trainer's view of a distillation config. Checks every rule that needs no file
+    (the schema, services.schema.distill) unless ``validated`` (the worker: Start did)."""
     cfg = dict(config or {})
-    for key in sorted(set(cfg) - KNOWN_KEYS):
-        v.add(f"spec.{key}", "unknown field")
-
-    raw_teachers = cfg.get("teachers") or []
-    if not raw_teachers:
-        v.add("spec.teachers", "at least one teacher is required")
-    teachers = []
-    for i, t in enumerate(raw_teachers):
-        p = f"spec.teachers[{i}]"
-        if not isinstance(t, dict):
-            v.add(p, "must be an object")
-            continue
-        spec = TeacherSpec.from_dict(t)
-        v.check(bool(spec.model), f"{p}.model.model", "is required")
-        v.check(t.get("weight") is None or t["weight"] >= 0, f"{p}.weight", "must be >= 0")
-        v.check(spec.quantize_bits in (0, 4, 8), f"{p}.quantize_bits", "must be 0, 4 or 8")
-        v.check(
-            not t.get("endpoint"),
-            f"{p}.endpoint",
-            "remote teachers are not supported yet; give a local model",
-        )
-        teachers.append(spec)
-    if teachers and not sum(max(t.weight, 0.0) for t in teachers) > 0:
-        v.add("spec.teachers", "teacher weights must sum to a positive number")
-
-    route_field = str(cfg.get("route_field") or "")
-    if route_field:
-        seen: dict[str, int] = {}
-        for i, t in enumerate(teachers):
-            p = f"spec.teachers[{i}].route_value"
-            if v.check(bool(t.route_value), p, "is required when spec.route_field is set"):
-                v.check(
-                    t.route_value not in seen,
-                    p,
-                    f"duplicates teachers[{seen.get(t.route_value)}].route_value",
-                )
-                seen.setdefault(t.route_value, i)
-
-    student = cfg.get("student") or {}
-    si_raw = cfg.get("student_init") or {}
-    s_init = StudentInit(
-        tuple(int(x) for x in si_raw.get("keep_teacher_layers") or ()),
-        int(si_raw.get("num_layers") or 0),
-    )
-    v.check(
-        not (s_init.keep_teacher_layers and s_init.num_layers),
-        "spec.student_init",
-        "give keep_teacher_layers or num_layers, not both",
-    )
-    v.check(s_init.num_layers >= 0, "spec.student_init.num_layers", "must be >= 0")
-    v.check(
-        len(set(s_init.keep_teacher_layers)) == len(s_init.keep_teacher_layers),
-        "spec.student_init.keep_teacher_layers",
-        "has duplicates",
-    )
-    v.check(
-        s_init.enabled or bool(student.get("model")),
-        "spec.student.model",
-        "is required (or set spec.student_init to build one from teachers[0])",
-    )
-
-    ds = cfg.get("dataset") or {}
-    v.check(bool(ds.get("path")), "spec.dataset.path", "is required")
-    method = _enum(cfg.get("method"), "finetune_method_", "lora")
-    v.check(method in METHODS, "spec.method", f"must be one of {', '.join(METHODS)}")
-
-    divergence = _enum(cfg.get("divergence"), "divergence_", "forward_kl")
-    v.check(divergence in DIVERGENCES, "spec.divergence", f"must be one of {DIVERGENCES}")
-    alpha = cfg.get("alpha")
-    alpha = 0.5 if alpha is None else float(alpha)
-    v.check(0.0 <= alpha <= 1.0, "spec.alpha", "must be in [0, 1]")
-    beta = float(cfg.get("jsd_beta") or 0.5)
-    v.check(0.0 < beta < 1.0, "spec.jsd_beta", "must be in (0, 1)")
-
-    traw = dict(cfg.get("temperature") or {})
-    traw["mode"] = _enum(traw.get("mode"), "temperature_mode_", "fixed")
-    v.check(
-        traw["mode"] in TEMPERATURE_MODES,
-        "spec.temperature.mode",
-        f"must be one of {TEMPERATURE_MODES}",
-    )
-    for key in ("initial", "final", "min"):
-        x = traw.get(key)
-        v.check(x is None or x >= 0, f"spec.temperature.{key}", "must be > 0")
-    temp = Temperature.from_dict(traw)
-    if temp.mode == "adaptive":
-        v.check(
-            temp.low <= temp.high,
-            "spec.temperature.min",
-            f"must be <= the upper bound spec.temperature.final ({temp.high})",
-        )
-
-    fraw = cfg.get("features") or {}
-    pairs = tuple(
-        (int(p.get("student_layer") or 0), int(p.get("teacher_layer") or 0))
-        for p in fraw.get("layer_map") or ()
-    )
-    features = Features(
-        enabled=bool(fraw.get("enabled")),
-        pairs=pairs,
-        loss=_enum(fraw.get("loss"), "feature_loss_", "mse"),
-        weight=float(fraw.get("weight") or 1.0),
-    )
-    v.check(
-        features.loss in FEATURE_LOSSES, "spec.features.loss", f"must be one of {FEATURE_LOSSES}"
-    )
-    v.check(features.weight >= 0, "spec.features.weight", "must be >= 0")
-    for k, (s, t) in enumerate(pairs):
-        v.check(s >= 0, f"spec.features.layer_map[{k}].student_layer", "must be >= 0")
-        v.check(t >= 0, f"spec.features.layer_map[{k}].teacher_layer", "must be >= 0")
-
-    oraw = cfg.get("on_policy") or {}
-    on_policy = OnPolicy(
-        fraction=float(oraw.get("fraction") or 0.0),
-        max_new_tokens=int(oraw.get("max_new_tokens") or OnPolicy.max_new_tokens),
-        temperature=float(oraw.get("temperature") or 1.0),
-    )
-    v.check(0.0 <= on_policy.fraction <= 1.0, "spec.on_policy.fraction", "must be in [0, 1]")
-    v.check(
-        0 < on_policy.max_new_tokens <= 4096, "spec.on_policy.max_new_tokens", "must be in 1..4096"
-    )
-    v.check(0 < on_policy.temperature <= 10, "spec.on_policy.temperature", "must be in (0, 10]")
-
-    craw = cfg.get("teacher_cache") or {}
-    cache = CacheSettings(bool(craw.get("enabled")), int(craw.get("top_k") or 32))
-    v.check(cache.top_k >= 1, "spec.teacher_cache.top_k", "must be >= 1")
-    v.check(
-        not (cache.enabled and features.enabled),
-        "spec.teacher_cache.enabled",
-        "cannot be combined with spec.features: feature matching needs the teachers' "
-        "hidden states every step",
-    )
-    chunk = int(cfg.get("chunk_size") or 128)
-    v.check(chunk >= 1, "spec.chunk_size", "must be >= 1")
-    for name, section in SECTIONS.items():  # the shared sections, by their schema
-        try:
-            section.from_dict(cfg.get(name) or {}, prefix=f"spec.{name}")
-        except InvalidArgument as e:
-            v.items.extend(e.violations)
-    v.raise_if_any()
+    if validated:
+        s = DistillSettings.rehydrate(cfg)
+    else:
+        s = DistillSettings.from_dict(cfg, prefix="spec")
+    t = s.temperature.to_dict()
     return DistillConfig(
-        teachers=tuple(teachers),
-        dataset=dict(ds),
-        student=str(student.get("model") or ""),
-        student_adapter=str(student.get("adapter_path") or ""),
-        route_field=route_field,
-        method=method,
-        divergence=divergence,
-        alpha=alpha,
-        jsd_beta=beta,
-        temperature=temp,
-        features=features,
-        on_policy=on_policy,
-        cache=cache,
-        student_init=s_init,
+        teachers=tuple(
+            TeacherSpec(
+                model=x.model.model,
+                adapter_path=x.model.adapter_path,
+                weight=x.weight,
+                route_value=x.route_value,
+                quantize_bits=x.quantize_bits,
+            )
+            for x in s.teachers
+        ),
+        dataset=dict(cfg.get("dataset") or {}),
+        student=s.student.model,
+        student_adapter=s.student.adapter_path,
+        route_field=s.route_field,
+        method=s.method,
+        divergence=s.divergence,
+        alpha=float(s.alpha if s.alpha is not None else 0.5),
+        jsd_beta=s.jsd_beta,
+        temperature=Temperature.from_dict({k: v for k, v in t.items() if v}),
+        features=Features(
+            enabled=s.features.enabled,
+            pairs=tuple((p.student_layer, p.teacher_layer) for p in s.features.layer_map),
+            loss=s.features.loss,
+            weight=s.features.weight,
+        ),
+        on_policy=OnPolicy(
+            s.on_policy.fraction, s.on_policy.max_new_tokens, s.on_policy.temperature
+        ),
+        cache=CacheSettings(s.teacher_cache.enabled, s.teacher_cache.top_k),
+        student_init=StudentInit(
+            s.student_init.keep_teacher_layers, s.student_init.num_layers
+        ),
         lora=dict(cfg.get("lora") or {}),
         optimizer=dict(cfg.get("optimizer") or {}),
         loop=dict(cfg.get("loop") or {}),
         resources=dict(cfg.get("resources") or {}),
-        output_name=str(cfg.get("output_name") or ""),
-        chunk_size=chunk,
+        output_name=s.output_name,
+        chunk_size=s.chunk_size,
     )
 
 

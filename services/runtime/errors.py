@@ -120,7 +120,9 @@ class Violations:
         self.items: list[Violation] = []
 
     def add(self, field_name: str, description: str) -> None:
-        self.items.append(Violation(field_name, description))
+        v = Violation(field_name, description)
+        if v not in self.items:  # two rules may find the same problem: say it once
+            self.items.append(v)
 
     def check(self, ok: bool, field_name: str, description: str) -> bool:
         if not ok:

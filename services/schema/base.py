@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from services.runtime.errors import InvalidArgument, Violations
+from services.runtime.errors import InvalidArgument, Violation, Violations
 
 __all__ = ["DictConfig", "Rule", "rule_of", "setting", "sub", "zero_default"]
 
@@ -125,18 +125,18 @@ def _name(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _coerce(value: Any, hint: Any, name: str, validate: bool) -> Any:
+def _coerce(value: Any, hint: Any, name: str, validate: bool, found: list[Violation]) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name, validate)
+        return _coerce(value, inner[0], name, validate, found)
     if isinstance(hint, type) and issubclass(hint, DictConfig):
         if not isinstance(value, dict):
             raise InvalidArgument.one(name, f"must be an object, got {type(value).__name__}")
-        return hint._build(value, name, validate)
+        return hint._make(value, name, validate, found)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -156,14 +156,35 @@ def _coerce(value: Any, hint: Any, name: str, validate: bool) -> Any:
         if isinstance(value, str):
             return value
     elif origin is tuple:
-        if isinstance(value, list | tuple) and all(isinstance(x, str) for x in value):
-            return tuple(value)
+        item = args[0] if args else str
+        if isinstance(value, list | tuple):
+            if isinstance(item, type) and issubclass(item, DictConfig):
+                return _sections(value, item, name, validate, found)
+            if item is str and all(isinstance(x, str) for x in value):
+                return tuple(value)
+            if item is int:
+                return tuple(
+                    _coerce(x, int, f"{name}[{i}]", validate, found) for i, x in enumerate(value)
+                )
     elif origin is dict or hint is dict:
         if isinstance(value, dict):
             return dict(value)
     else:
         return value
     raise InvalidArgument.one(name, f"expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _sections(
+    value: list | tuple, item: type, name: str, validate: bool, found: list[Violation]
+) -> tuple:
+    """A repeated message: each entry built under ``name[i]``."""
+    out = []
+    for i, x in enumerate(value):
+        if isinstance(x, dict):
+            out.append(item._make(x, f"{name}[{i}]", validate, found))
+        else:
+            found.append(Violation(f"{name}[{i}]", "must be an object"))
+    return tuple(out)
 
 
 class DictConfig:
@@ -186,15 +207,23 @@ class DictConfig:
 
     @classmethod
     def _build(cls: type[T], data: dict, prefix: str, validate: bool) -> T:
+        found: list[Violation] = []
+        obj = cls._make(data, prefix, validate, found)
+        if found:
+            unique = list(dict.fromkeys(found))  # two rules may find one problem: say it once
+            raise InvalidArgument(unique)
+        return obj
+
+    @classmethod
+    def _make(cls: type[T], data: dict, prefix: str, validate: bool, found: list[Violation]) -> T:
+        """Build one section; every problem (its own and its sections') goes to ``found``,
+        and a section with problems is still built, so rules across fields see it."""
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise InvalidArgument.one(
-                _name(prefix, unknown[0]), f"unknown field (known: {', '.join(sorted(fields))})"
-            )
+        known = ", ".join(sorted(fields))
+        for key in sorted(set(data) - set(fields)):
+            found.append(Violation(_name(prefix, key), f"unknown field (known: {known})"))
         kwargs: dict[str, Any] = {}
-        v = Violations()
         for name, f in fields.items():
             if name not in data or data[name] is None:
                 continue
@@ -202,13 +231,14 @@ class DictConfig:
             if f.metadata.get("zero") and _is_zero(value):
                 continue
             try:
-                kwargs[name] = _coerce(value, hints[name], _name(prefix, name), validate)
-            except InvalidArgument as e:  # report every section's problems, not the first's
-                v.items.extend(e.violations)
+                kwargs[name] = _coerce(value, hints[name], _name(prefix, name), validate, found)
+            except InvalidArgument as e:  # a wrong type: the field keeps its default
+                found.extend(e.violations)
         obj = cls(**kwargs).resolve()
         if validate:
+            v = Violations()
             obj.validate(v, prefix)
-        v.raise_if_any()
+            found.extend(v.items)
         return obj
 
     def resolve(self: T) -> T:
@@ -240,7 +270,7 @@ class DictConfig:
             if isinstance(value, DictConfig):
                 value = value.to_dict()
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [x.to_dict() if isinstance(x, DictConfig) else x for x in value]
             elif isinstance(value, dict):
                 value = dict(value)
             out[f.name] = value

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MINIMAL: dict[str, dict] = {
     "sft": {"model": {"model": "m"}, "dataset": {"path": "d"}},
     "export": {"model": {"model": "m", "adapter_path": "a"}},
+    "distill": {"student": {"model": "s"}, "teachers": [{"model": {"model": "t"}}], "dataset": {"path": "d"}},  # noqa: E501
     "reward_model": {"model": {"model": "m"}, "dataset": {"path": "d"}},
     "dpo": {"policy": {"model": "m"}, "dataset": {"path": "d"}},
     "kto": {"policy": {"model": "m"}, "dataset": {"path": "d"}},
@@ -35,7 +36,7 @@ def test_schema_and_registry_import_no_mlx():
     code = (
         "import sys\n"
         "from services import registry\n"
-        "classes = [m.config_class() for m in registry.METHODS if m.name != 'distill']\n"
+        "classes = [m.config_class() for m in registry.METHODS]\n"
         "bad = sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.'))\n"
         "assert not bad, bad\n"
         "print(len(classes))\n"
@@ -54,8 +55,6 @@ def test_schema_and_registry_import_no_mlx():
 
 def test_every_method_config_is_a_schema_class():
     for m in registry.METHODS:
-        if m.name == "distill":
-            continue
         cls = m.config_class()
         assert cls.__module__.startswith("services.schema."), m.name
         built = cls.from_dict(MINIMAL[m.name], prefix="spec")
@@ -69,6 +68,8 @@ def _bounded(cls: type, path: str = "") -> typing.Iterator[tuple[str, dataclasse
         inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
         section = next((a for a in inner if isinstance(a, type) and issubclass(a, DictConfig)), 0)
         name = f"{path}{f.name}"
+        if tuple in (typing.get_origin(hint), typing.get_origin(inner[0])):
+            continue  # repeated fields: their entries are checked by name[i] (below)
         if section:
             yield from _bounded(section, name + ".")
         elif rule_of(f) is not None:
@@ -125,6 +126,22 @@ def test_every_declared_bound_is_enforced_with_its_field_path(kind: str):
         return
     with pytest.raises(InvalidArgument, match="must be in"):
         cls.from_dict(_set(MINIMAL[kind], "optimizer.learning_rate", 50.0), prefix="spec")
+
+
+def test_repeated_sections_report_every_entry_and_cross_field_rules_still_run():
+    cls = registry.get("distill").config_class()
+    bad = {
+        **MINIMAL["distill"],
+        "teachers": [{"model": {"model": "t"}, "weight": -1.0}, {"weight": 2.0}],
+        "student_init": {"keep_teacher_layers": [0, -3, 0]},
+    }
+    with pytest.raises(InvalidArgument) as e:
+        cls.from_dict(bad, prefix="spec")
+    fields = [v.field for v in e.value.violations]
+    assert "spec.teachers[0].weight" in fields
+    assert "spec.teachers[1].model.model" in fields
+    assert "spec.student_init.keep_teacher_layers" in fields  # -3, and the duplicate 0
+    assert len(fields) == len(set((v.field, v.description) for v in e.value.violations))
 
 
 def test_a_default_is_declared_once_and_zero_means_it():

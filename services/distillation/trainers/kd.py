@@ -156,7 +156,7 @@ def _streams(c, loop, data, model, tokenizer, ts, weights, routes, caches, vocab
 
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
-    c = validation.parse(config)  # validated at Start (files included): resolve only
+    c = validation.parse(config, validated=True)  # Start validated it, files included
     loop = LoopSettings.rehydrate(c.loop)
     opt = OptimizerSettings.rehydrate(c.optimizer)
     lora = adapters.LoraSettings.rehydrate(c.lora)
