@@ -216,6 +216,19 @@ class GrpcStageBackend:
 
     # ---- StageBackend ----------------------------------------------------------------
 
+    async def validate(self, stage_kind: str, spec: Message) -> None:
+        """The stage's Start with ``validate_only``: every check, no job (InvalidArgument)."""
+        rpc = self._rpc(stage_kind)
+        stub = rpc.stub(self._channel(rpc.service))
+        req = rpc.request(validate_only=True)
+        req.spec.CopyFrom(spec)
+        try:
+            await getattr(stub, rpc.method)(
+                req, metadata=self._metadata, timeout=self.deadlines.start
+            )
+        except aio.AioRpcError as e:
+            raise translate(e, f"{rpc.service} {rpc.method}") from None
+
     async def start(self, stage_kind: str, spec: Message, idempotency_key: str) -> str:
         rpc = self._rpc(stage_kind)
         stub = rpc.stub(self._channel(rpc.service))

@@ -116,20 +116,11 @@ class Scheduler:
         self, stage: opb.Stage, request_id: str = ""
     ) -> tuple[opb.Run, opb.Pipeline]:
         """A one-stage pipeline (uncached) and its run; errors name ``stage.*``."""
-        spec = opb.PipelineSpec(stages=[stage], cache=False)
-        spec = pipeline.normalize(spec)
-        st = spec.stages[0]
-        info = pipeline.KINDS.get(st.kind)
-        if info is not None and st.WhichOneof("spec"):
-            body = getattr(st, info.name)
-            target = "teachers[0].model" if info.name == "distill" and body.teachers else ""
-            ref = pipeline.ref_at(body, target or info.model_target)
-            spec.base_model.CopyFrom(ref)
-        spec.name = f"train-{st.name or 'stage'}"
+        spec, info = training_pipeline(stage)
         try:
             pl, _ = self.create_pipeline(spec, f"{request_id}/pipeline" if request_id else "")
         except InvalidArgument as e:
-            raise InvalidArgument([_stage_field(x, info) for x in e.violations]) from None
+            raise stage_fields(e, info) from None
         run, _ = await self.run_pipeline(pl.pipeline_id, request_id)
         return run, pl
 
@@ -241,6 +232,28 @@ class Scheduler:
 
     def cache_key(self, sp: pipeline.StagePlan, spec: Message, inputs: dict[str, Any]) -> str:
         return cache_key(sp, spec, inputs, self.config.fingerprint)
+
+
+def training_pipeline(stage: opb.Stage) -> tuple[opb.PipelineSpec, pipeline.KindInfo | None]:
+    """StartTraining's one-stage pipeline: uncached, its base model the stage's own model
+    (a distillation stage's: its first teacher). InvalidArgument on ``stage`` when the stage
+    has no spec to train from."""
+    spec = pipeline.normalize(opb.PipelineSpec(stages=[stage], cache=False))
+    st = spec.stages[0]
+    info = pipeline.KINDS.get(st.kind)
+    if info is None or not st.WhichOneof("spec"):
+        kinds = ", ".join(sorted(pipeline.BY_NAME))
+        raise InvalidArgument.one("stage", f"set the stage's spec: one of {kinds}")
+    body = getattr(st, info.name)
+    target = "teachers[0].model" if info.name == "distill" and body.teachers else ""
+    spec.base_model.CopyFrom(pipeline.ref_at(body, target or info.model_target))
+    spec.name = f"train-{st.name or 'stage'}"
+    return spec, info
+
+
+def stage_fields(e: InvalidArgument, info: pipeline.KindInfo | None) -> InvalidArgument:
+    """A one-stage pipeline's violations named as StartTraining's request names them."""
+    return InvalidArgument([_stage_field(x, info) for x in e.violations])
 
 
 def _stage_field(v: Violation, info: pipeline.KindInfo | None) -> Violation:

@@ -22,7 +22,14 @@ from mlx_unified.v1 import orchestrator_pb2 as opb
 from mlx_unified.v1 import orchestrator_pb2_grpc
 from orchestrator import environment, pipeline, templates
 from orchestrator.backend import GrpcStageBackend
-from orchestrator.scheduler import RetryPolicy, Scheduler, SchedulerConfig
+from orchestrator.precheck import check_on_services
+from orchestrator.scheduler import (
+    RetryPolicy,
+    Scheduler,
+    SchedulerConfig,
+    stage_fields,
+    training_pipeline,
+)
 from orchestrator.store import Store
 from services.runtime import logs, specs
 from services.runtime.errors import FailedPrecondition, InvalidArgument, shown
@@ -166,6 +173,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                     _check_stage_spec, info.name, getattr(st, info.name), f"stage.{info.name}"
                 )
             await self._require_reachable(one, validate=None)
+            spec, info = training_pipeline(request.stage)
+            try:
+                plan = await asyncio.to_thread(
+                    pipeline.resolve, spec, self.scheduler.services, self.scheduler.env
+                )
+                await check_on_services(self.backend, plan, spec.base_model)
+            except InvalidArgument as e:
+                raise stage_fields(e, info) from None
         run, pl = await self.scheduler.start_training(request.stage, request.request_id)
         return opb.StartTrainingResponse(run=run, pipeline=pl)
 
@@ -189,12 +204,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if not request_id or not self._replay(request_id):
             normal = pipeline.normalize(spec)
 
-            def validate() -> None:
+            def validate() -> pipeline.Plan:
                 plan = pipeline.resolve(normal, self.scheduler.services, self.scheduler.env)
                 check_stages(plan)
+                return plan
 
-            await asyncio.to_thread(validate)
+            plan = await asyncio.to_thread(validate)
             await self._require_reachable(normal, None)
+            # Every stage as its service would start it: models, datasets, row formats.
+            await check_on_services(self.backend, plan, normal.base_model)
         pl, created = await asyncio.to_thread(self.scheduler.create_pipeline, spec, request_id)
         if created:
             logs.get(pipeline_id=pl.pipeline_id).info(

@@ -285,6 +285,8 @@ def test_bad_input_is_refused_and_nothing_is_stored(serve, tiny_model: Path, dat
     }
 
     refused(lambda: c.start_training(ok), grpc.StatusCode.FAILED_PRECONDITION)
+    e = refused(lambda: c.start_training(opb.Stage()), grpc.StatusCode.INVALID_ARGUMENT)
+    assert [v.field for v in e.violations] == ["stage"], e
     refused(lambda: c.run_pipeline("pl-missing"), grpc.StatusCode.NOT_FOUND)
     assert list(c.list_pipelines()) == [] and list(c.list_runs()) == []
     c.close()
@@ -550,12 +552,20 @@ def test_stage_the_service_rejects_fails_the_run_with_its_reason(
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "spec.stages[0].sft.loop.batch_size" in {v.field for v in err.value.violations}
     assert list(stack.list_pipelines()) == []
-    # What only the service can know (its files) still fails the stage with its reason.
+    # What only the service can know (its files) is asked of it up front (validate_only).
     stage = sft_stage("typo", 5)
     stage.sft.dataset.path = str(tmp_path / "not-there.jsonl")
-    run = stack.run_pipeline(
-        stack.create_pipeline(pipeline_spec(tiny_model, data, stage)).pipeline_id
-    )
+    with pytest.raises(ClientError) as err:
+        stack.create_pipeline(pipeline_spec(tiny_model, data, stage))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.stages[0].sft.dataset.path" in {v.field for v in err.value.violations}
+    assert list(stack.list_pipelines()) == [] and training_jobs(stack) == []
+    # A file that goes away after the pipeline was accepted fails the stage with its reason.
+    gone = write_jsonl(tmp_path / "gone.jsonl", [{"text": f"row {i}"} for i in range(16)])
+    stage.sft.dataset.path = str(gone)
+    pl = stack.create_pipeline(pipeline_spec(tiny_model, data, stage))
+    gone.unlink()
+    run = stack.run_pipeline(pl.pipeline_id)
     events = list(stack.watch_run(run.run_id))
     final = stack.get_run(run.run_id)
     assert final.state == RS.RUN_STATE_FAILED
@@ -581,6 +591,15 @@ def test_sft_then_dpo_across_two_services(serve, tiny_model: Path, data: Path, t
     dpo.dpo.method = cpb.FINETUNE_METHOD_LORA
     dpo.dpo.lora.CopyFrom(cpb.LoraConfig(rank=4, num_layers=-1))
     spec = pipeline_spec(tiny_model, data, sft_stage("sft", 6), dpo)
+    # DPO on the pipeline's text rows cannot succeed: refused whole, before SFT spends time,
+    # by the rlhf service's own checks (the SFT checkpoint stood in by the base model).
+    with pytest.raises(ClientError) as err:
+        c.create_pipeline(spec)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    fields = {v.field for v in err.value.violations}
+    assert any(f.startswith("spec.stages[1].dpo.dataset") for f in fields), err.value
+    assert not any(f.startswith("spec.stages[0]") for f in fields), err.value
+    assert list(c.list_pipelines()) == [] and training_jobs(c) == []
     spec.datasets["dpo"].path = str(prefs)
     run = c.run_pipeline(c.create_pipeline(spec).pipeline_id)
     events = list(c.watch_run(run.run_id))

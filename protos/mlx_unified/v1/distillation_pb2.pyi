@@ -165,12 +165,14 @@ class DistillationSpec(_message.Message):
     def __init__(self, student: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., teachers: _Optional[_Iterable[_Union[Teacher, _Mapping]]] = ..., route_field: _Optional[str] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., divergence: _Optional[_Union[Divergence, str]] = ..., alpha: _Optional[float] = ..., jsd_beta: _Optional[float] = ..., temperature: _Optional[_Union[TemperatureConfig, _Mapping]] = ..., features: _Optional[_Union[FeatureDistillation, _Mapping]] = ..., on_policy: _Optional[_Union[OnPolicyConfig, _Mapping]] = ..., teacher_cache: _Optional[_Union[TeacherCacheConfig, _Mapping]] = ..., student_init: _Optional[_Union[StudentInit, _Mapping]] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartDistillationRequest(_message.Message):
-    __slots__ = ("request_id", "spec")
+    __slots__ = ("request_id", "spec", "validate_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spec: DistillationSpec
-    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[DistillationSpec, _Mapping]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[DistillationSpec, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class StartDistillationResponse(_message.Message):
     __slots__ = ("job", "created")

@@ -89,12 +89,14 @@ class RewardModelSpec(_message.Message):
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., use_margin: _Optional[bool] = ..., center_rewards_coef: _Optional[float] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartRewardModelRequest(_message.Message):
-    __slots__ = ("request_id", "spec")
+    __slots__ = ("request_id", "spec", "validate_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spec: RewardModelSpec
-    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[RewardModelSpec, _Mapping]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[RewardModelSpec, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class StartRewardModelResponse(_message.Message):
     __slots__ = ("job", "created")
@@ -144,12 +146,14 @@ class DPOSpec(_message.Message):
     def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., loss: _Optional[_Union[DPOLoss, str]] = ..., beta: _Optional[float] = ..., label_smoothing: _Optional[float] = ..., precompute_reference: _Optional[bool] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartDPORequest(_message.Message):
-    __slots__ = ("request_id", "spec")
+    __slots__ = ("request_id", "spec", "validate_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spec: DPOSpec
-    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[DPOSpec, _Mapping]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[DPOSpec, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class StartDPOResponse(_message.Message):
     __slots__ = ("job", "created")
@@ -237,12 +241,14 @@ class PPOSpec(_message.Message):
     def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., reward: _Optional[_Union[RewardSource, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., rollout: _Optional[_Union[RolloutConfig, _Mapping]] = ..., ppo_epochs: _Optional[int] = ..., minibatch_size: _Optional[int] = ..., gamma: _Optional[float] = ..., lam: _Optional[float] = ..., clip_range: _Optional[float] = ..., clip_range_value: _Optional[float] = ..., vf_coef: _Optional[float] = ..., init_kl_coef: _Optional[float] = ..., adaptive_kl: _Optional[bool] = ..., kl_target: _Optional[float] = ..., kl_horizon: _Optional[float] = ..., whiten_advantages: _Optional[bool] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartPPORequest(_message.Message):
-    __slots__ = ("request_id", "spec")
+    __slots__ = ("request_id", "spec", "validate_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spec: PPOSpec
-    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[PPOSpec, _Mapping]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[PPOSpec, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class StartPPOResponse(_message.Message):
     __slots__ = ("job", "created")
@@ -300,12 +306,14 @@ class GRPOSpec(_message.Message):
     def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., reward: _Optional[_Union[RewardSource, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., rollout: _Optional[_Union[RolloutConfig, _Mapping]] = ..., group_size: _Optional[int] = ..., beta: _Optional[float] = ..., clip_range: _Optional[float] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., loss_type: _Optional[_Union[GRPOLossType, str]] = ..., scale_rewards: _Optional[_Union[RewardScaling, str]] = ..., num_iterations: _Optional[int] = ...) -> None: ...
 
 class StartGRPORequest(_message.Message):
-    __slots__ = ("request_id", "spec")
+    __slots__ = ("request_id", "spec", "validate_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spec: GRPOSpec
-    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[GRPOSpec, _Mapping]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[GRPOSpec, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class StartGRPOResponse(_message.Message):
     __slots__ = ("job", "created")
@@ -357,12 +365,14 @@ class KTOSpec(_message.Message):
     def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reference: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., loss_type: _Optional[_Union[KTOLoss, str]] = ..., beta: _Optional[float] = ..., desirable_weight: _Optional[float] = ..., undesirable_weight: _Optional[float] = ..., precompute_reference: _Optional[bool] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartKTORequest(_message.Message):
-    __slots__ = ("request_id", "spec")
+    __slots__ = ("request_id", "spec", "validate_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spec: KTOSpec
-    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[KTOSpec, _Mapping]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[KTOSpec, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class StartKTOResponse(_message.Message):
     __slots__ = ("job", "created")
@@ -404,12 +414,14 @@ class ORPOSpec(_message.Message):
     def __init__(self, policy: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., method: _Optional[_Union[_common_pb2.FinetuneMethod, str]] = ..., lora: _Optional[_Union[_common_pb2.LoraConfig, _Mapping]] = ..., optimizer: _Optional[_Union[_common_pb2.OptimizerConfig, _Mapping]] = ..., loop: _Optional[_Union[_common_pb2.LoopConfig, _Mapping]] = ..., resources: _Optional[_Union[_common_pb2.Resources, _Mapping]] = ..., beta: _Optional[float] = ..., output_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartORPORequest(_message.Message):
-    __slots__ = ("request_id", "spec")
+    __slots__ = ("request_id", "spec", "validate_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     spec: ORPOSpec
-    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[ORPOSpec, _Mapping]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., spec: _Optional[_Union[ORPOSpec, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class StartORPOResponse(_message.Message):
     __slots__ = ("job", "created")

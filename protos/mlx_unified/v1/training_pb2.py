@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mlx_unified.v1 import common_pb2 as mlx__unified_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmlx_unified/v1/training.proto\x12\x0emlx_unified.v1\x1a\x1bmlx_unified/v1/common.proto\"\xf8\x03\n\x07SFTSpec\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.mlx_unified.v1.ModelRef\x12+\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x1a.mlx_unified.v1.DatasetRef\x12.\n\x06method\x18\x03 \x01(\x0e\x32\x1e.mlx_unified.v1.FinetuneMethod\x12(\n\x04lora\x18\x04 \x01(\x0b\x32\x1a.mlx_unified.v1.LoraConfig\x12\x38\n\x0cquantization\x18\x05 \x01(\x0b\x32\".mlx_unified.v1.QuantizationConfig\x12\x32\n\toptimizer\x18\x06 \x01(\x0b\x32\x1f.mlx_unified.v1.OptimizerConfig\x12(\n\x04loop\x18\x07 \x01(\x0b\x32\x1a.mlx_unified.v1.LoopConfig\x12,\n\tresources\x18\x08 \x01(\x0b\x32\x19.mlx_unified.v1.Resources\x12\x13\n\x0boutput_name\x18\t \x01(\t\x12\x33\n\x06labels\x18\n \x03(\x0b\x32#.mlx_unified.v1.SFTSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"L\n\x0fStartSFTRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.mlx_unified.v1.SFTSpec\"E\n\x10StartSFTResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.mlx_unified.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x95\x02\n\nExportSpec\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.mlx_unified.v1.ModelRef\x12(\n\x04mode\x18\x02 \x01(\x0e\x32\x1a.mlx_unified.v1.ExportMode\x12\x38\n\x0cquantization\x18\x03 \x01(\x0b\x32\".mlx_unified.v1.QuantizationConfig\x12\x13\n\x0boutput_name\x18\x04 \x01(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.mlx_unified.v1.ExportSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x12StartExportRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.mlx_unified.v1.ExportSpec\"H\n\x13StartExportResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.mlx_unified.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08*u\n\nExportMode\x12\x1b\n\x17\x45XPORT_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XPORT_MODE_FUSE\x10\x01\x12\x18\n\x14\x45XPORT_MODE_QUANTIZE\x10\x02\x12\x1a\n\x16\x45XPORT_MODE_DEQUANTIZE\x10\x03\x32\xb8\x01\n\x0fTrainingService\x12M\n\x08StartSFT\x12\x1f.mlx_unified.v1.StartSFTRequest\x1a .mlx_unified.v1.StartSFTResponse\x12V\n\x0bStartExport\x12\".mlx_unified.v1.StartExportRequest\x1a#.mlx_unified.v1.StartExportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmlx_unified/v1/training.proto\x12\x0emlx_unified.v1\x1a\x1bmlx_unified/v1/common.proto\"\xf8\x03\n\x07SFTSpec\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.mlx_unified.v1.ModelRef\x12+\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x1a.mlx_unified.v1.DatasetRef\x12.\n\x06method\x18\x03 \x01(\x0e\x32\x1e.mlx_unified.v1.FinetuneMethod\x12(\n\x04lora\x18\x04 \x01(\x0b\x32\x1a.mlx_unified.v1.LoraConfig\x12\x38\n\x0cquantization\x18\x05 \x01(\x0b\x32\".mlx_unified.v1.QuantizationConfig\x12\x32\n\toptimizer\x18\x06 \x01(\x0b\x32\x1f.mlx_unified.v1.OptimizerConfig\x12(\n\x04loop\x18\x07 \x01(\x0b\x32\x1a.mlx_unified.v1.LoopConfig\x12,\n\tresources\x18\x08 \x01(\x0b\x32\x19.mlx_unified.v1.Resources\x12\x13\n\x0boutput_name\x18\t \x01(\t\x12\x33\n\x06labels\x18\n \x03(\x0b\x32#.mlx_unified.v1.SFTSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x0fStartSFTRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.mlx_unified.v1.SFTSpec\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"E\n\x10StartSFTResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.mlx_unified.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x95\x02\n\nExportSpec\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.mlx_unified.v1.ModelRef\x12(\n\x04mode\x18\x02 \x01(\x0e\x32\x1a.mlx_unified.v1.ExportMode\x12\x38\n\x0cquantization\x18\x03 \x01(\x0b\x32\".mlx_unified.v1.QuantizationConfig\x12\x13\n\x0boutput_name\x18\x04 \x01(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.mlx_unified.v1.ExportSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x12StartExportRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x04spec\x18\x02 \x01(\x0b\x32\x1a.mlx_unified.v1.ExportSpec\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"H\n\x13StartExportResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.mlx_unified.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08*u\n\nExportMode\x12\x1b\n\x17\x45XPORT_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45XPORT_MODE_FUSE\x10\x01\x12\x18\n\x14\x45XPORT_MODE_QUANTIZE\x10\x02\x12\x1a\n\x16\x45XPORT_MODE_DEQUANTIZE\x10\x03\x32\xb8\x01\n\x0fTrainingService\x12M\n\x08StartSFT\x12\x1f.mlx_unified.v1.StartSFTRequest\x1a .mlx_unified.v1.StartSFTResponse\x12V\n\x0bStartExport\x12\".mlx_unified.v1.StartExportRequest\x1a#.mlx_unified.v1.StartExportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SFTSPEC_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_EXPORTSPEC_LABELSENTRY']._loaded_options = None
   _globals['_EXPORTSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_EXPORTMODE']._serialized_start=1172
-  _globals['_EXPORTMODE']._serialized_end=1289
+  _globals['_EXPORTMODE']._serialized_start=1218
+  _globals['_EXPORTMODE']._serialized_end=1335
   _globals['_SFTSPEC']._serialized_start=79
   _globals['_SFTSPEC']._serialized_end=583
   _globals['_SFTSPEC_LABELSENTRY']._serialized_start=538
   _globals['_SFTSPEC_LABELSENTRY']._serialized_end=583
   _globals['_STARTSFTREQUEST']._serialized_start=585
-  _globals['_STARTSFTREQUEST']._serialized_end=661
-  _globals['_STARTSFTRESPONSE']._serialized_start=663
-  _globals['_STARTSFTRESPONSE']._serialized_end=732
-  _globals['_EXPORTSPEC']._serialized_start=735
-  _globals['_EXPORTSPEC']._serialized_end=1012
+  _globals['_STARTSFTREQUEST']._serialized_end=684
+  _globals['_STARTSFTRESPONSE']._serialized_start=686
+  _globals['_STARTSFTRESPONSE']._serialized_end=755
+  _globals['_EXPORTSPEC']._serialized_start=758
+  _globals['_EXPORTSPEC']._serialized_end=1035
   _globals['_EXPORTSPEC_LABELSENTRY']._serialized_start=538
   _globals['_EXPORTSPEC_LABELSENTRY']._serialized_end=583
-  _globals['_STARTEXPORTREQUEST']._serialized_start=1014
-  _globals['_STARTEXPORTREQUEST']._serialized_end=1096
-  _globals['_STARTEXPORTRESPONSE']._serialized_start=1098
-  _globals['_STARTEXPORTRESPONSE']._serialized_end=1170
-  _globals['_TRAININGSERVICE']._serialized_start=1292
-  _globals['_TRAININGSERVICE']._serialized_end=1476
+  _globals['_STARTEXPORTREQUEST']._serialized_start=1037
+  _globals['_STARTEXPORTREQUEST']._serialized_end=1142
+  _globals['_STARTEXPORTRESPONSE']._serialized_start=1144
+  _globals['_STARTEXPORTRESPONSE']._serialized_end=1216
+  _globals['_TRAININGSERVICE']._serialized_start=1338
+  _globals['_TRAININGSERVICE']._serialized_end=1522
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,8 @@
 Each Start handler is the same three steps: turn the request's spec into the trainer's
 config (the method's ``prepare``: resolve and confine paths, validate every field and row,
 in a thread), record the job on the service's JobsHost (idempotent on ``request_id``), and
-answer with the job. ``add_start_handlers`` puts one such handler on a servicer class for
+answer with the job (with ``validate_only``: the first step only, no job).
+``add_start_handlers`` puts one such handler on a servicer class for
 each of the service's methods, so a new method needs no servicer code.
 """
 
@@ -29,6 +30,8 @@ def start_handler(method: registry.Method) -> Callable[..., Awaitable[Message]]:
         nonlocal prepare
         prepare = prepare or registry.load(method.prepare)
         config = await asyncio.to_thread(prepare, request.spec, self.host.settings)
+        if request.validate_only:  # every check Start makes, and no job
+            return method.response(created=False)
         job, created = await self.host.start_job(
             method.name,
             method.trainer,
