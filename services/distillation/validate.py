@@ -125,9 +125,7 @@ def parse(config: dict, *, validated: bool = False) -> DistillConfig:
             s.on_policy.fraction, s.on_policy.max_new_tokens, s.on_policy.temperature
         ),
         cache=CacheSettings(s.teacher_cache.enabled, s.teacher_cache.top_k),
-        student_init=StudentInit(
-            s.student_init.keep_teacher_layers, s.student_init.num_layers
-        ),
+        student_init=StudentInit(s.student_init.keep_teacher_layers, s.student_init.num_layers),
         lora=dict(cfg.get("lora") or {}),
         optimizer=dict(cfg.get("optimizer") or {}),
         loop=dict(cfg.get("loop") or {}),
