@@ -114,6 +114,25 @@ def test_start_is_idempotent_on_request_id(training, tiny_model, tmp_path):
     stubs.wait(a.job_id)
 
 
+def test_validate_only_checks_everything_and_creates_nothing(training, tiny_model, tmp_path):
+    _, stubs = training
+    data = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+    ok = training_pb2.StartSFTRequest(spec=sft_spec(tiny_model, data), validate_only=True)
+    resp = stubs.training.StartSFT(ok, metadata=stubs.md, timeout=60)
+    assert not resp.HasField("job") and not resp.created
+    bad = sft_spec(tiny_model, tmp_path / "missing.jsonl")
+    bad.loop.batch_size = 5000
+    with pytest.raises(grpc.RpcError) as err:
+        stubs.training.StartSFT(
+            training_pb2.StartSFTRequest(spec=bad, validate_only=True),
+            metadata=stubs.md,
+            timeout=60,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.dataset.path" in err.value.details()
+    assert list(stubs.jobs.ListJobs(common_pb2.ListJobsRequest()).jobs) == []
+
+
 def test_cancel_stops_a_running_job(training, tiny_model, tmp_path):
     _, stubs = training
     data = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
