@@ -22,12 +22,15 @@ stage's result checkpoint (a *binding*). Rules, checked when the pipeline is cre
   when it would be the teacher itself.
 - every training stage needs a dataset: its own, ``datasets[stage name]``, or ``dataset``.
 
-A bound input is written as the placeholder ``${stages.<name>.result}`` in the resolved
-spec; the scheduler replaces it with the checkpoint when the source stage has finished.
+A bound input is typed: a ``Bound(input, from_stage, target)`` beside a spec whose target
+ModelRef is empty; the hand-off (stage_inputs.handoff) sets it to the source stage's
+checkpoint. ``Pipeline.resolved`` shows it as ``${stages.<name>.result}`` for people
+(``StagePlan.shown_spec``); that marker is never parsed back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -139,7 +142,7 @@ class StagePlan:
     index: int
     name: str
     kind: int
-    spec: dict[str, Any]  # JSON of the kind's spec message, placeholders for bound inputs
+    spec: dict[str, Any]  # JSON of the kind's spec message; bound inputs empty (bindings)
     bindings: tuple[Bound, ...] = ()
     auto: dict[str, Any] | None = None
 
@@ -150,12 +153,22 @@ class StagePlan:
     def message(self) -> Message:
         return json_format.ParseDict(self.spec, self.info.message())
 
+    def shown_spec(self) -> dict[str, Any]:
+        """The spec with each bound input shown as ``${stages.<name>.result}`` (v1's
+        ``Pipeline.resolved``): a marker for people, never parsed back."""
+        msg = self.message()
+        for b in self.bindings:
+            ref_at(msg, b.target, create=True).CopyFrom(
+                cpb.ModelRef(model=placeholder(b.from_stage))
+            )
+        return to_json(msg)
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "name": self.name,
             "kind": self.info.name,
             "service": self.info.service,
-            "spec": self.spec,
+            "spec": self.shown_spec(),
             "bindings": [
                 {"input": b.input, "from_stage": b.from_stage, "target": b.target}
                 | ({"implicit": True} if b.implicit else {})
@@ -173,7 +186,11 @@ class StagePlan:
             for b in d.get("bindings", [])
         )
         kind = BY_NAME[d["kind"]].kind
-        return cls(index, d["name"], kind, d["spec"], binds, d.get("auto_configure"))
+        plan = cls(index, d["name"], kind, d["spec"], binds, d.get("auto_configure"))
+        msg = plan.message()
+        for b in binds:  # the shown markers out: bound inputs are the bindings' alone
+            ref_at(msg, b.target, create=True).Clear()
+        return dataclasses.replace(plan, spec=to_json(msg))
 
 
 @dataclass(frozen=True)
@@ -362,7 +379,7 @@ def _bind(spec: opb.PipelineSpec, i: int, index: dict[str, int], v: Violations) 
             )
     binds = tuple(sorted(bound.values(), key=lambda b: b.target))
     for b in binds:
-        ref_at(msg, b.target, create=True).CopyFrom(cpb.ModelRef(model=placeholder(b.from_stage)))
+        ref_at(msg, b.target, create=True).Clear()  # the entry exists; the hand-off fills it
     return StagePlan(i, st.name, st.kind, to_json(msg), binds)
 
 

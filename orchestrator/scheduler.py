@@ -236,17 +236,18 @@ class Scheduler:
 
 def training_pipeline(stage: opb.Stage) -> tuple[opb.PipelineSpec, pipeline.KindInfo | None]:
     """StartTraining's one-stage pipeline: uncached, its base model the stage's own model
-    (a distillation stage's: its first teacher). InvalidArgument on ``stage`` when the stage
-    has no spec to train from."""
+    (a distillation stage's: its first teacher). InvalidArgument on ``stage`` when it names
+    no kind of training."""
     spec = pipeline.normalize(opb.PipelineSpec(stages=[stage], cache=False))
     st = spec.stages[0]
     info = pipeline.KINDS.get(st.kind)
-    if info is None or not st.WhichOneof("spec"):
+    if info is None:
         kinds = ", ".join(sorted(pipeline.BY_NAME))
-        raise InvalidArgument.one("stage", f"set the stage's spec: one of {kinds}")
-    body = getattr(st, info.name)
-    target = "teachers[0].model" if info.name == "distill" and body.teachers else ""
-    spec.base_model.CopyFrom(pipeline.ref_at(body, target or info.model_target))
+        raise InvalidArgument.one("stage", f"set the stage's kind or spec: one of {kinds}")
+    if st.WhichOneof("spec"):
+        body = getattr(st, info.name)
+        target = "teachers[0].model" if info.name == "distill" and body.teachers else ""
+        spec.base_model.CopyFrom(pipeline.ref_at(body, target or info.model_target))
     spec.name = f"train-{st.name or 'stage'}"
     return spec, info
 
