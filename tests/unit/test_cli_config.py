@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from concurrent import futures
@@ -633,6 +634,18 @@ def test_pipeline_run_follows_the_run_across_a_restart(capsys: pytest.CaptureFix
     assert orch.watch_calls == [0, 2]
     assert orch.run_requests[0].request_id == "r"
     assert "[sft] PENDING -> RUNNING (job job-1)" in err and "run run-1 SUCCEEDED" in err
+
+
+def test_help_names_only_real_templates(capsys: pytest.CaptureFixture) -> None:
+    from orchestrator import templates
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert "sft-dpo" not in text
+    shown = re.findall(r"--template ([a-z_-]+) --model", text)
+    assert shown and all(name in templates.names() for name in shown), shown
+    assert ", ".join(templates.names()) in text
 
 
 def test_a_bad_request_prints_each_violation_once() -> None:
