@@ -82,7 +82,7 @@ def test_sft_live_replay_list_and_export_tell_the_truth(services, tiny_model, ca
 
     rc, out, err = mlxu(capsys, "export", "fuse", "--model", str(tiny_model), "--adapter", adapter)
     assert rc == 0, err
-    assert f"exported model: {printed_path(out)} (full)" in err and "checkpoint step 0" not in err
+    assert f"exported model: {printed_path(out)} (full)" in err and "step 0" not in err
 
     # A server error is printed once: the violation, not the message and then the violation.
     bad = ["train", "sft", "--model", str(tiny_model / "nope"), "--data", str(DEMO_DATA)]
