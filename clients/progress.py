@@ -3,7 +3,9 @@
 On a terminal one line per job (or per pipeline stage) is redrawn in place; elsewhere (CI logs,
 pipes) each event is appended as a plain line. The renderers are pure functions of the job /
 run snapshots, so they are tested without a terminal; the two small classes only decide where
-and how often to write.
+and how often to write, and fold the events into the job / run they show (a stream's snapshot
+is the job *now*: a replay must show each step as it was). A line too long for the terminal
+keeps, in order: the step, the loss, the ETA, tok/s, then the other metrics.
 """
 
 from __future__ import annotations
