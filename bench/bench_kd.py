@@ -208,7 +208,7 @@ def _speed(job: dict) -> dict[str, Any]:
         kd.run(kd_config(job, total), ctx)
     shutil.rmtree(out, ignore_errors=True)
     res = probe.result()
-    res["ce_last"] = res["last_metrics"].get("ce_loss")
+    res["ce_last"] = res["last_metrics"].get("train_ce_loss")
     return {**res, **timings}
 
 
@@ -281,7 +281,7 @@ def _curve(job: dict) -> dict[str, Any]:
     wall = time.perf_counter() - tic
     shutil.rmtree(out, ignore_errors=True)
     res = probe.result()
-    train_ce = {s: m.get("ce_loss", m.get("train_loss")) for s, m in probe.metrics.items()}
+    train_ce = {s: m.get("train_ce_loss", m.get("train_loss")) for s, m in probe.metrics.items()}
     result = {**res, "curve": curve, "train_ce": train_ce, "run_s": wall}
     if job["kind"] == "sft":  # the teacher's own held-out CE: where the student could get to
         teacher, _ = load_model(job["teacher_path"])

@@ -175,7 +175,8 @@ def run_ours(
     cm = recording_batches(initial) if record else contextlib.nullcontext([])
     with cm as seen:
         info = trainer(config, ctx)
-    steps = sorted({r.step: r for r in reports}.values(), key=lambda r: r.step)
+    # Step 0 is the validation of the starting weights, before any step: no loss of a step.
+    steps = sorted({r.step: r for r in reports if r.step > 0}.values(), key=lambda r: r.step)
     metrics = [dict(r.metrics) for r in steps]
     losses = [float(m[loss_key]) for m in metrics]
     grouped = [list(seen[i : i + accum]) for i in range(0, len(seen), accum)]

@@ -498,7 +498,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # behind a larger one (feature_loss is 0 on both sides when off).
     parts = {}
     for key, ref_part in ref["parts"].items():
-        mine_part = [float(m.get(key, 0.0)) for m in ours.metrics]
+        mine_part = [float(m.get(f"train_{key}", 0.0)) for m in ours.metrics]
         d = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(mine_part, ref_part, strict=True)]
         parts[key] = {"max_rel": max(d), "first": [mine_part[0], ref_part[0]]}
     env = pc.environment()

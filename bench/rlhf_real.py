@@ -284,7 +284,7 @@ def real_child(job: dict) -> dict[str, Any]:
         "optimizer": _optimizer(job["rm_lr"], max(1, job["rm_steps"] // 20)),
         "loop": _loop(job, job["rm_batch"], job["rm_steps"])}, ctx("rm-out"))  # fmt: skip
     out["timings"]["rm_s"] = time.perf_counter() - tic
-    out["rm_metrics"], out["rm_curve"] = rm_info.metrics, curve(("train_loss", "accuracy"))
+    out["rm_metrics"], out["rm_curve"] = rm_info.metrics, curve(("train_loss", "train_accuracy"))
     scorer = RewardModelScorer.load(rm_info.path, dtype=job["dtype"])
     accs, pos_scores, neg_scores = [], [], []
     for p in test_ps[:4]:  # every held-out pair under one prompt, for 4 prompts
@@ -313,7 +313,7 @@ def real_child(job: dict) -> dict[str, Any]:
             "loop": _loop(job, job["dpo_batch"], job["dpo_steps"])}, ctx("dpo-out"))  # fmt: skip
         out["timings"]["dpo_s"] = time.perf_counter() - tic
         out["dpo_metrics"], adapters["dpo"] = info.metrics, str(info.path)
-        out["dpo_curve"] = curve(("train_loss", "accuracies", "margins"))
+        out["dpo_curve"] = curve(("train_loss", "train_accuracies", "train_margins"))
         log(f"dpo: {out['timings']['dpo_s']:.0f} s")
     if "ppo" in parts:  # (c)
         ds = jsonl(work / "ppo-prompts.jsonl", [{"prompt": p} for p in train_ps])

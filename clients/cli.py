@@ -4,7 +4,8 @@
     mlxu train sft --config run.yaml --iters 200          # submit, live progress, checkpoint path
     mlxu jobs list | show JOB | watch JOB | cancel JOB
     mlxu generate --model smollm2-135m-instruct --chat --prompt "Hello"
-    mlxu pipeline create --template sft-dpo --model M --data D --run
+    mlxu pipeline create --template {template} --model M --data D --run
+    mlxu templates                  # what --template takes: {templates}
 
 Exit codes: 0 success, 1 the job/run FAILED or was CANCELLED, 2 a usage, config or RPC error
 (one line per problem on stderr, never a traceback; MLXU_DEBUG=1 shows one), 130 Ctrl-C.
@@ -122,9 +123,12 @@ def _cmd(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from orchestrator import templates  # the real template names, for the help text
+
+    names = templates.names()
     parser = argparse.ArgumentParser(
         prog="mlxu",
-        description=__doc__,
+        description=__doc__.format(template=names[0], templates=", ".join(names)),
         parents=[_global_flags()],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -204,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pipe.add_subparsers(dest="pipeline_cmd", required=True, metavar="ACTION")
     p = _cmd(psub, "create", cmd_pipeline, "create a pipeline from YAML or a template")
     p.add_argument("--config", "-c", help="pipeline YAML")
-    p.add_argument("--template", help="template name (see `mlxu templates`)")
+    p.add_argument("--template", help=f"template name: {', '.join(names)} (`mlxu templates`)")
     p.add_argument("--model", help="base model")
     p.add_argument("--data", help="default dataset")
     p.add_argument("--name")

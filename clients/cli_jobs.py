@@ -232,7 +232,8 @@ def _jobs_list(client: MLXUClient, args: argparse.Namespace) -> int:
     rows = []
     for s, j in jobs:
         step = f"{j.step}/{j.total_steps}" if j.total_steps else str(j.step or "-")
-        loss = progress.format_value(j.metrics["loss"]) if "loss" in j.metrics else "-"
+        value = progress.loss_of(j.metrics)  # train_loss, or a rollout method's loss
+        loss = "-" if value is None else progress.format_value(value)
         rows.append(
             [j.job_id, s, j.kind, progress.state_name(j.state), step, loss, _when(j.create_time)]
         )

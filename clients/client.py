@@ -156,8 +156,10 @@ class MLXUClient(GenerationCalls):
         service: str = "training",
         on_retry: Callable[[ClientError, float], None] | None = None,
     ) -> Iterator[tuple[common_pb2.JobEvent, Job]]:
-        """(event, job as of that event) for every event with seq > after_seq, in order,
-        each exactly once, across reconnects; ends after the job's final event."""
+        """(event, job) for every event with seq > after_seq, in order, each exactly once,
+        across reconnects; ends after the job's final event. ``job`` is the job as it was
+        when the event was *sent* (its final state in a replay): to show a job as of each
+        event, fold the events (``progress.fresh`` + ``progress.apply_event``)."""
         if service not in TRAINER_SERVICES:
             raise ValueError(f"jobs live on {', '.join(TRAINER_SERVICES)}, not {service!r}")
 

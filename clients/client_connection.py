@@ -84,10 +84,18 @@ class ClientError(Exception):
         self.address = address
 
     def __str__(self) -> str:
-        head = f"{self.code.name}: {self.message}"
+        listed = [f"{v.field}: {v.description}" for v in self.violations]
+        message = self.message
+        # A bad request's message is its violations joined ("a: x; b: y"): say each once.
+        if listed and all(item in message for item in listed):
+            more = message[message.rfind(" (and ") :] if message.endswith(" more)") else ""
+            if len(listed) == 1:
+                return f"{self.code.name}: {listed[0]}{more}"
+            message = f"{len(listed)} problems{more}"
+        head = f"{self.code.name}: {message}"
         if self.code == grpc.StatusCode.UNAVAILABLE and self.address:
             head += f" (service at {self.address}; is it running? try `mlxu up`)"
-        return "\n".join([head, *(f"  {v.field}: {v.description}" for v in self.violations)])
+        return "\n".join([head, *(f"  {item}" for item in listed)])
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError, address: str = "") -> ClientError:

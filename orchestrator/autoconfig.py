@@ -29,7 +29,8 @@ DPO/PPO/GRPO, the reward model for PPO/GRPO, the teachers for distillation):
 - epochs: sft/distill 3 below 1k rows, 2 below 10k, else 1; reward_model/dpo/ppo/grpo 1
   (preference and RL objectives overfit fast). max_steps = ceil(train rows x epochs /
   (batch x accumulation)); ppo/grpo: ceil(prompts x epochs / rollout batch (default 8)).
-  Train rows = rows minus the validation fraction (default 0.1) when no valid file is given.
+  Train rows = rows minus the validation fraction (default 0.1) when there is no validation
+  file (neither valid_path nor a directory's valid.jsonl), else all of them.
 - export stages have nothing to configure.
 """
 
@@ -73,8 +74,9 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    rows: int
+    rows: int  # training rows (a directory's train.jsonl)
     tokens: int = 0  # 0 = unknown
+    valid_rows: int = 0  # rows of its own validation file (valid.jsonl); 0 = none
 
 
 @dataclass(frozen=True)
@@ -198,12 +200,17 @@ def configure(
         chosen["loop.max_seq_length"] = length
         why["loop.max_seq_length"] = f"2x the mean row length ({mean:.0f} tokens), power of 2"
     train_rows = data.rows
-    if not msg.dataset.valid_path:
+    if msg.dataset.valid_path:
+        held = "valid_path held out"
+    elif data.valid_rows:
+        held = f"valid.jsonl's {data.valid_rows} rows held out"
+    else:
         vf = msg.dataset.valid_fraction if msg.dataset.HasField("valid_fraction") else 0.1
         # Sizing only: an out-of-range fraction (even -1e308) is refused with its field by
         # the stage checks that follow, not by an OverflowError here.
         vf = min(max(vf, 0.0), 0.5)
         train_rows = max(1, round(data.rows * (1 - vf))) if data.rows else 0
+        held = f"{vf:.0%} of {data.rows} held out" if vf else "none held out"
     if loop.batch_size == 0:
         act = max(2 * (1 << 20), params / 800) * SEQ_FACTOR.get(kind, 1)
         room = max(0.0, budget - need(method))
@@ -231,12 +238,14 @@ def configure(
         if registry.get(kind).rollouts:
             per_step = msg.rollout.batch_size or 8
             steps = math.ceil(data.rows * loop.epochs / per_step)
+            over = f"{data.rows} prompts"
         else:
             per_step = loop.batch_size * max(1, loop.grad_accumulation_steps)
             steps = math.ceil(train_rows * loop.epochs / per_step)
+            over = f"{train_rows} training rows ({held})"
         loop.max_steps = max(1, steps)
         chosen["loop.max_steps"] = loop.max_steps
-        why["loop.max_steps"] = f"{loop.epochs} epoch(s) of {train_rows} rows, {per_step} a step"
+        why["loop.max_steps"] = f"{loop.epochs} epoch(s) of {over}, {per_step} a step"
     return {
         "model_params": params,
         "frozen_params": frozen,

@@ -157,13 +157,18 @@ class DatasetFacts:
         path = confine(ref.path, self.settings.allowed_roots, "dataset.path")
         if not path.exists():
             raise InvalidArgument.one("dataset.path", f"{ref.path!r} does not exist")
-        rows = (
-            load_dir(path, "dataset.path")["train"]
+        parts = (
+            load_dir(path, "dataset.path")
             if path.is_dir()
-            else load_rows(path, "dataset.path")
+            else {"train": load_rows(path, "dataset.path")}
         )
+        rows = parts["train"]
         chars = sum(_text_chars(r) for r in rows)
-        return DatasetInfo(rows=len(rows), tokens=round(chars / CHARS_PER_TOKEN))
+        return DatasetInfo(
+            rows=len(rows),
+            tokens=round(chars / CHARS_PER_TOKEN),
+            valid_rows=len(parts.get("valid", [])),
+        )
 
 
 def _text_chars(node: Any) -> int:

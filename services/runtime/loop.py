@@ -8,6 +8,15 @@ A trainer builds the model, its data and a loss, then calls::
 units (tokens for SFT, pairs for DPO); ``metrics`` is a dict of scalars reported as
 weight-averaged means. Micro-batches and data-parallel ranks are combined weighted by
 ``weight``, so accumulating 2 micro-batches of 2 gives the same update as one batch of 4.
+One metric is a count, not a mean: ``metrics["tokens"]`` (optional) is the tokens the batch
+put through the model, for ``tokens_per_second`` when ``weight`` counts something else (DPO's
+pairs); without it ``weight`` is taken to be tokens.
+
+Names say where a number comes from: a report's ``train_loss`` and ``train_<metric>`` are
+means over the training batches since the last report; ``val_loss`` and ``val_<metric>``
+are the same ``loss_fn`` over the validation batches, evaluated at step 0 (the "before"
+figure), every ``steps_per_eval`` steps and at the end. ``val_ppl`` is only reported for a
+per-token negative log-likelihood (``train(..., perplexity=True)``: SFT).
 
 Batch sizes: ``loop.batch_size`` is the global batch (sequences per optimizer step over all
 ranks and micro-batches). Each optimizer step consumes ``grad_accumulation_steps``
@@ -81,12 +90,16 @@ __all__ = [
     "default_dtype",
     "enable_grad_checkpoint",
     "evaluate",
+    "evaluate_all",
     "sub",
     "total_steps",
     "train",
 ]
 
 LossFn = Callable[[nn.Module, dict[str, mx.array]], tuple[mx.array, mx.array, dict]]
+
+# The metric a loss_fn may return as a count (tokens through the model), summed, not averaged.
+TOKENS = "tokens"
 
 
 class BatchStream(Protocol):
@@ -138,7 +151,10 @@ class _Step:
         def forward(batch):
             (loss, weight, metrics), grads = vg(model, batch)
             w = weight.astype(mx.float32)
-            sums = {"loss": loss * w, "weight": w, **{k: v * w for k, v in metrics.items()}}
+            sums = {"loss": loss * w, "weight": w}
+            sums.update({k: v * w for k, v in metrics.items() if k != TOKENS})
+            if TOKENS in metrics:
+                sums[TOKENS] = metrics[TOKENS].astype(mx.float32)
             return sums, grads, w
 
         def finish(grads, w_total):
@@ -198,6 +214,46 @@ class _Step:
         return total, out
 
 
+def evaluate_all(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[dict] | None,
+    num_batches: int = -1,
+    *,
+    compiled: Callable | None = None,
+) -> dict[str, float]:
+    """Weighted means of the loss (``"loss"``) and of every metric of ``loss_fn`` over
+    ``num_batches`` (-1: all) batches, summed over ranks (all ranks must call it); ``{}``
+    when there is nothing to evaluate."""
+    if batches is None:
+        return {}
+    fn = compiled or (lambda b: loss_fn(model, b))
+    model.eval()
+    sums: dict[str, mx.array] = {}
+    try:
+        for i, batch in enumerate(batches):
+            if 0 <= num_batches <= i:
+                break
+            loss, w, metrics = fn(_arrays(batch))
+            w = w.astype(mx.float32)
+            terms = {"loss": loss, **{k: v for k, v in metrics.items() if k != TOKENS}}
+            for k, v in terms.items():
+                sums[k] = sums.get(k, mx.array(0.0)) + v.astype(mx.float32) * w
+            sums["_weight"] = sums.get("_weight", mx.array(0.0)) + w
+            mx.eval(sums)
+    finally:
+        model.train()
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    total = mx.stack([sums[k] for k in keys])
+    if mx.distributed.init().size() > 1:
+        total = mx.distributed.all_sum(total, stream=mx.cpu)
+    got = dict(zip(keys, total.tolist(), strict=True))
+    w = got.pop("_weight")
+    return {k: v / w for k, v in got.items()} if w > 0 else {}
+
+
 def evaluate(
     model: nn.Module,
     loss_fn: LossFn,
@@ -207,26 +263,7 @@ def evaluate(
     compiled: Callable | None = None,
 ) -> float | None:
     """Weighted mean loss over ``num_batches`` (-1: all) batches, summed over ranks."""
-    if batches is None:
-        return None
-    fn = compiled or (lambda b: loss_fn(model, b))
-    model.eval()
-    total, weight = mx.array(0.0), mx.array(0.0)
-    try:
-        for i, batch in enumerate(batches):
-            if 0 <= num_batches <= i:
-                break
-            loss, w, _ = fn(_arrays(batch))
-            w = w.astype(mx.float32)
-            total, weight = total + loss.astype(mx.float32) * w, weight + w
-            mx.eval(total, weight)
-    finally:
-        model.train()
-    if mx.distributed.init().size() > 1:
-        total = mx.distributed.all_sum(total, stream=mx.cpu)
-        weight = mx.distributed.all_sum(weight, stream=mx.cpu)
-    w = weight.item()
-    return total.item() / w if w > 0 else None
+    return evaluate_all(model, loss_fn, batches, num_batches, compiled=compiled).get("loss")
 
 
 # ---- the supervised / preference batch strategy ----
@@ -241,17 +278,21 @@ def _window_metrics(window: dict[str, float], seconds: float, steps: int, n_proc
         summed = mx.distributed.all_sum(mx.array([window[k] for k in keys]), stream=mx.cpu)
         window = dict(zip(keys, summed.tolist(), strict=True))
     w = max(window["weight"], 1e-12)
-    out = {k: v / w for k, v in window.items() if k not in ("loss", "weight")}
+    tokens = window.get(TOKENS, window["weight"])
+    # Means over this window's training batches: named train_* apart from the val_* figures.
+    out = {f"train_{k}": v / w for k, v in window.items() if k not in ("loss", "weight", TOKENS)}
     out["train_loss"] = window["loss"] / w
-    out["tokens_per_second"] = window["weight"] / max(seconds, 1e-9)
+    out["tokens_per_second"] = tokens / max(seconds, 1e-9)
     out["steps_per_second"] = steps / max(seconds, 1e-9)
-    out["_tokens"] = window["weight"]
+    out["_tokens"] = tokens
     return out
 
 
 class BatchStrategy:
     """One optimizer step over ``grad_accumulation_steps`` micro-batches of a batch stream
-    (``loss_fn``'s weighted sums); reports weight-averaged means, ``train_loss`` first."""
+    (``loss_fn``'s weighted sums); reports weight-averaged means as ``train_loss`` and
+    ``train_<metric>``, and validates to ``val_loss`` and ``val_<metric>`` (plus ``val_ppl``
+    with ``perplexity``: the loss is a per-token NLL)."""
 
     validates = True
     report_at_checkpoints = False
@@ -266,8 +307,10 @@ class BatchStrategy:
         opt: OptimizerSettings,
         optimizer: optim.Optimizer,
         extra: Stateful | None = None,
+        perplexity: bool = False,
     ) -> None:
         self.model, self.loss_fn, self.loop, self.opt = model, loss_fn, loop, opt
+        self.perplexity = perplexity
         self.optimizer, self.data, self.valid, self.extra = (
             optimizer,
             train_batches,
@@ -302,10 +345,13 @@ class BatchStrategy:
         return metrics, tokens
 
     def validate(self) -> dict[str, float]:
-        val = evaluate(
+        got = evaluate_all(
             self.model, self.loss_fn, self.valid, self.loop.val_batches, compiled=self.eval_fn
         )
-        return {} if val is None else {"val_loss": val, "val_ppl": math.exp(min(val, 700.0))}
+        out = {f"val_{k}": v for k, v in got.items()}
+        if self.perplexity and "val_loss" in out:
+            out["val_ppl"] = math.exp(min(out["val_loss"], 700.0))
+        return out
 
 
 def train(
@@ -320,8 +366,11 @@ def train(
     *,
     optimizer: optim.Optimizer | None = None,
     extra_state: Stateful | None = None,
+    perplexity: bool = False,
 ) -> TrainResult:
-    """Train ``model`` (its trainable parameters) to ``total_steps(loop, train_batches)``."""
+    """Train ``model`` (its trainable parameters) to ``total_steps(loop, train_batches)``.
+    ``perplexity``: ``loss_fn`` is a per-token NLL, so ``val_ppl = exp(val_loss)`` means
+    something and is reported."""
     from mlx_lm.utils import maybe_set_recommended_wired_limit
 
     maybe_set_recommended_wired_limit()
@@ -331,7 +380,7 @@ def train(
     if loop.grad_checkpoint:
         enable_grad_checkpoint(model)
     strategy = BatchStrategy(
-        model, loss_fn, train_batches, valid_batches, loop, opt, optimizer, extra_state
+        model, loss_fn, train_batches, valid_batches, loop, opt, optimizer, extra_state, perplexity
     )
     done = run_steps(
         strategy,

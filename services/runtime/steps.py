@@ -10,7 +10,10 @@ optimizer step (or one RL iteration) does and returns; the loop does the rest in
   (``NonFiniteLoss``) before anything of that step is saved;
 - reports (``Report``: step, total, metrics, epoch, tokens, ETA) every ``steps_per_report``
   steps and at the end, metrics summed over the steps since the last report and turned into
-  means by ``strategy.summarize``; validation every ``steps_per_eval`` steps;
+  means by ``strategy.summarize``; validation before the first step (a step-0 report: the
+  starting weights' figures, so every curve has its "before"), every ``steps_per_eval``
+  steps and at the end. A resumed run does not validate again at its start: its step-0
+  figures are in the log of the attempt that ran step 0, and validation changes no state;
 - checkpoints (the model through ``artifact.write``, the trainer state, a manifest) every
   ``steps_per_checkpoint`` steps, at the end and on stop, keeping ``keep_last_checkpoints``;
 - ``ctx.should_stop()`` (agreed over data-parallel ranks): save, then raise ``Interrupted``.
@@ -125,6 +128,20 @@ def run_steps(
         progress = trainer_state.restore(Path(ctx.resume_from), model, optimizer, data, extra)
         ctx.log(f"resumed from {ctx.resume_from} at step {progress.step}")
     strategy.start()
+    if progress.step == 0 and strategy.validates and loop.steps_per_eval > 0:
+        before = strategy.validate()  # every rank: validation may reduce over ranks
+        if before:
+            progress.metrics.update(before)
+            if is_main:
+                ctx.report(
+                    Report(
+                        step=0,
+                        total_steps=total,
+                        metrics=dict(progress.metrics),
+                        epoch=float(getattr(data, "epoch", 0.0)),
+                        tokens=0,
+                    )
+                )
 
     ckpt_root = Path(ctx.output_dir) / checkpoints.CHECKPOINTS
     last_ckpt: CheckpointInfo | None = None

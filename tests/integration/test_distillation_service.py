@@ -50,9 +50,9 @@ def test_distillation_job_lowers_kd_loss(distill, tiny_model, tmp_path):
     final, events = stubs.wait(job.job_id)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
     kd = [
-        e.progress.metrics["kd_loss"]
+        e.progress.metrics["train_kd_loss"]
         for e in events
-        if e.WhichOneof("payload") == "progress" and "kd_loss" in e.progress.metrics
+        if e.WhichOneof("payload") == "progress" and "train_kd_loss" in e.progress.metrics
     ]
     assert len(kd) >= 25
     assert sum(kd[-5:]) / 5 < 0.8 * sum(kd[:3]) / 3, kd

@@ -106,10 +106,19 @@ def test_dpo_uses_the_policy_as_reference_and_raises_accuracy(rlhf, tiny_model, 
     assert job.resolved_config["reference"]["model"] == str(tiny_model)
     final, events = stubs.wait(job.job_id)
     assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
-    acc = progress(events, "accuracies")
+    acc = progress(events, "train_accuracies")
     assert sum(acc[-5:]) / 5 > sum(acc[:3]) / 3, acc
     metrics = dict(final.result.metrics)
     assert "val_accuracies" in metrics and metrics["val_accuracies"] >= 0.75, metrics
+    # Held-out accuracy and margins are measured on the validation pairs from step 0 (policy
+    # == reference: margins 0), labelled val_; batch figures are train_; no perplexity.
+    reports = [e.progress for e in events if e.WhichOneof("payload") == "progress"]
+    assert reports[0].step == 0 and "train_loss" not in reports[0].metrics
+    assert reports[0].metrics["val_margins"] == pytest.approx(0.0, abs=1e-5)
+    assert metrics["val_accuracies"] > reports[0].metrics["val_accuracies"]
+    assert not any("val_ppl" in r.metrics or "accuracies" in r.metrics for r in reports)
+    # tokens, not pairs: 20 steps of 8 pairs put well over 20 * 8 * 2 * 4 tokens through.
+    assert reports[-1].tokens > 20 * 8 * 2 * 4 and reports[-1].metrics["tokens_per_second"] > 100
 
 
 def ppo_spec(model, data, steps: int, ckpt_every: int = 100) -> rlhf_pb2.PPOSpec:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from concurrent import futures
@@ -16,7 +17,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from clients import cli, config
-from clients.client import ClientError, MLXUClient
+from clients.client import ClientError, FieldViolation, MLXUClient
 from mlx_unified.v1 import common_pb2 as c
 from mlx_unified.v1 import (
     common_pb2_grpc,
@@ -325,13 +326,13 @@ def test_parse_other_commands() -> None:
         "pipeline",
         "create",
         "--template",
-        "sft-dpo",
+        "chatbot",
         "--model",
         "m",
         "--run",
         "--no-auto-configure",
     )
-    assert (p.template, p.run, p.auto_configure) == ("sft-dpo", True, False)
+    assert (p.template, p.run, p.auto_configure) == ("chatbot", True, False)
     s = parse("serve", "rlhf", "--port", "9400")
     assert (s.service, s.port, s.func) == ("rlhf", 9400, cli.cmd_serve)
     d = parse("train", "distill", "--teacher", "a", "--teacher", "b", "--model", "s")
@@ -534,7 +535,8 @@ def test_train_failed_job_exit_1(fake, capsys: pytest.CaptureFixture) -> None:
     service.events = script(service.final)
     assert cli.main(["--address", address, "train", "sft", "--model", "m"]) == 1
     out, err = capsys.readouterr()
-    assert out == "" and "reason: loss became NaN" in err
+    assert out == "" and "RUNNING -> FAILED: loss became NaN" in err
+    assert err.count("loss became NaN") == 1, err  # errors print once
 
 
 def test_invalid_argument_lists_field_violations(fake, capsys: pytest.CaptureFixture) -> None:
@@ -632,3 +634,34 @@ def test_pipeline_run_follows_the_run_across_a_restart(capsys: pytest.CaptureFix
     assert orch.watch_calls == [0, 2]
     assert orch.run_requests[0].request_id == "r"
     assert "[sft] PENDING -> RUNNING (job job-1)" in err and "run run-1 SUCCEEDED" in err
+
+
+def test_help_names_only_real_templates(capsys: pytest.CaptureFixture) -> None:
+    from orchestrator import templates
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert "sft-dpo" not in text
+    shown = re.findall(r"--template ([a-z_-]+) --model", text)
+    assert shown and all(name in templates.names() for name in shown), shown
+    assert ", ".join(templates.names()) in text
+
+
+def test_a_bad_request_prints_each_violation_once() -> None:
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    one = ClientError(
+        bad, "spec.iters: must be >= 1", [FieldViolation("spec.iters", "must be >= 1")]
+    )
+    assert str(one) == "INVALID_ARGUMENT: spec.iters: must be >= 1"
+    two = ClientError(
+        bad, "a: x; b: y (and 3 more)", [FieldViolation("a", "x"), FieldViolation("b", "y")]
+    )
+    assert str(two).splitlines() == [
+        "INVALID_ARGUMENT: 2 problems (and 3 more)",
+        "  a: x",
+        "  b: y",
+    ]
+    # A message that says something else is kept, with the violations under it.
+    other = ClientError(bad, "invalid spec", [FieldViolation("a", "x")])
+    assert str(other).splitlines() == ["INVALID_ARGUMENT: invalid spec", "  a: x"]

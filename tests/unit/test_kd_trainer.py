@@ -418,7 +418,8 @@ def test_multi_teacher_mixture_and_routing_in_loss(env) -> None:
     assert m["kd_loss"].item() < 0.25 * per[0] + 0.75 * per[1]
     # Routing row 0 to teacher 0 and row 1 to teacher 1: each per-teacher metric is its rows.
     batch["teacher_weights"] = mx.array([[1.0, 0.0], [0.0, 1.0]])
-    routed = kd.finish_metrics({k: v.item() for k, v in fn(model, batch)[2].items()}, 2)
+    raw = {f"train_{k}": v.item() for k, v in fn(model, batch)[2].items()}
+    routed = {k.removeprefix("train_"): v for k, v in kd.finish_metrics(raw, 2).items()}
     assert routed["kd_teacher_0_tokens"] == pytest.approx(0.5)
     for i in (0, 1):
         one = {**batch, "teacher_weights": mx.ones((1, 1))}
@@ -440,18 +441,22 @@ def test_kd_run_with_features_lowers_kd_loss(env, tmp_path) -> None:
     # so 12 steps need a larger lr to move the kd loss by 20%.
     cfg["optimizer"] = {**cfg["optimizer"], "learning_rate": 1e-2}
     info = kd.run(cfg, ctx_for(tmp_path / "job", reports))
+    before, trained = reports[0].metrics, [r for r in reports if r.step > 0]
 
     def avg(key: str, part: slice) -> float:
-        return float(np.mean([r.metrics[key] for r in reports[part]]))
+        return float(np.mean([r.metrics[f"train_{key}"] for r in trained[part]]))
 
     kd0, kd1 = avg("kd_loss", slice(0, 3)), avg("kd_loss", slice(-3, None))
     f0, f1 = avg("feature_loss", slice(0, 3)), avg("feature_loss", slice(-3, None))
     print(f"kd_loss {kd0:.3f} -> {kd1:.3f}; feature_loss (cosine) {f0:.3f} -> {f1:.3f}")
     assert kd1 < 0.8 * kd0 and f1 < 0.8 * f0
     m = reports[-1].metrics
-    for key in ("loss", "ce_loss", "kd_teacher_0", "temperature", "feature_loss", "val_loss"):
+    for key in ("loss", "train_ce_loss", "train_kd_teacher_0", "temperature", "val_loss"):
         assert key in m, key
     assert m["temperature"] == pytest.approx(2.0)
+    # Held-out teacher-student divergence, before training (step 0) and after.
+    assert reports[0].step == 0 and m["val_kd_loss"] < before["val_kd_loss"]
+    assert "val_ppl" not in m and "val_temperature" not in m
     # Projections are saved with checkpoints but the final student is a plain mlx-lm model.
     ckpt = checkpoints.latest(tmp_path / "job")
     assert (ckpt / student.PROJECTIONS_FILE).is_file()
@@ -496,16 +501,20 @@ def test_resume_matches_uninterrupted_run(env, tmp_path) -> None:
     wb = mx.load(str(b.path / "adapters.safetensors"))
     for k in wa:
         np.testing.assert_allclose(np.array(wa[k]), np.array(wb[k]), rtol=1e-5, atol=1e-7)
-    assert full_reports[-1].metrics["kd_loss"] == pytest.approx(
-        reports[-1].metrics["kd_loss"], 1e-5
+    assert full_reports[-1].metrics["train_kd_loss"] == pytest.approx(
+        reports[-1].metrics["train_kd_loss"], 1e-5
     )
     assert json.loads((a.path / "adapter_config.json").read_text())["base_model"].endswith(
         "student_init"
     )
 
 
-def test_routed_cached_run(env, tmp_path) -> None:
+def test_routed_cached_run(env, tmp_path, monkeypatch) -> None:
+    from services.runtime import phases
+
+    monkeypatch.setattr(phases, "EVERY_S", 0.0)
     reports: list = []
+    logs: list[str] = []
     cfg = config(
         env,
         teachers=[
@@ -517,15 +526,21 @@ def test_routed_cached_run(env, tmp_path) -> None:
         divergence="reverse_kl",
         temperature={"mode": "adaptive", "min": 1.0, "final": 3.0},
     )
-    kd.run(cfg, ctx_for(tmp_path / "job", reports))
+    kd.run(cfg, ctx_for(tmp_path / "job", reports, log=logs.append))
     assert (tmp_path / "job" / "teacher_cache" / "train.safetensors").is_file()
-    m0, m1 = reports[0].metrics, reports[-1].metrics
+    # Caching the teachers reports its progress, then what it built.
+    caching = [m for m in logs if m.startswith("caching the teachers' top-16 of the train")]
+    assert len(caching) >= 2 and any("%" in m and "ETA" in m for m in caching), logs
+    assert any(m.startswith("teacher cache: ") for m in logs)
+    trained = [r for r in reports if r.step > 0]
+    m0, m1 = trained[0].metrics, trained[-1].metrics
     assert 1.0 < m1["temperature"] < 3.0
-    assert m1["kd_loss"] < m0["kd_loss"]
+    assert m1["train_kd_loss"] < m0["train_kd_loss"]
     # Routed: a teacher's kd is the mean over the tokens routed to it, absent when none were.
     both = 0
-    for r in reports:
+    for r in trained:
         for i in (0, 1):
-            assert (f"kd_teacher_{i}" in r.metrics) == (r.metrics[f"kd_teacher_{i}_tokens"] > 0)
-        both += "kd_teacher_0" in r.metrics and "kd_teacher_1" in r.metrics
+            has = f"train_kd_teacher_{i}" in r.metrics
+            assert has == (r.metrics[f"train_kd_teacher_{i}_tokens"] > 0)
+        both += "train_kd_teacher_0" in r.metrics and "train_kd_teacher_1" in r.metrics
     assert both >= 6, both

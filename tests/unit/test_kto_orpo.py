@@ -334,15 +334,18 @@ def test_kto_trains_resumes_and_loads(tiny_model, tmp_path):
     with pytest.raises(Interrupted):
         kto.run(cfg, _ctx(out, reports, logs, stop_after=2))
     assert any("sequences scored" in m for m in logs)
+    assert any(m.startswith("scoring reference log-probs: ") for m in logs)
     logs.clear()
     info = kto.run(cfg, _ctx(out, reports, logs))
     assert any("reusing" in m for m in logs) and any("resumed from" in m for m in logs)
     assert info.step == 16
-    first, last = reports[0].metrics, reports[-1].metrics
+    trained = [r for r in reports if r.step > 0]
+    first, last = trained[0].metrics, trained[-1].metrics
     assert last["train_loss"] < first["train_loss"] - 0.05
-    assert last["rewards_chosen"] > last["rewards_rejected"]
-    assert np.isfinite(last["kl"]) and last["kl"] >= 0
+    assert last["train_rewards_chosen"] > last["train_rewards_rejected"]
+    assert np.isfinite(last["train_kl"]) and last["train_kl"] >= 0
     assert np.isfinite(info.metrics["val_loss"]) and "val_kl" in info.metrics
+    assert "val_margins" in info.metrics and "val_ppl" not in info.metrics
     import mlx_lm
 
     mlx_lm.load(str(tiny_model), adapter_path=str(info.path))
@@ -365,10 +368,13 @@ def test_orpo_trains_and_loads(tiny_model, tmp_path):
     }
     reports, logs = [], []
     info = orpo.run(cfg, _ctx(tmp_path / "orpo", reports, logs))
-    first, last = reports[0].metrics, reports[-1].metrics
+    before = reports[0].metrics  # step 0: the starting policy on the held-out pairs
+    first, last = reports[1].metrics, reports[-1].metrics
     assert last["train_loss"] < first["train_loss"] - 0.5
-    assert last["nll_loss"] < first["nll_loss"] and last["margins"] > first["margins"]
+    assert last["train_nll_loss"] < first["train_nll_loss"]
+    assert last["train_margins"] > first["train_margins"]
     assert info.metrics["val_accuracies"] > 0.5
+    assert info.metrics["val_loss"] < before["val_loss"] and "val_ppl" not in info.metrics
     import mlx_lm
 
     mlx_lm.load(str(info.path))

@@ -99,21 +99,27 @@ def test_loss_falls_and_metrics_are_reported(tmp_path: Path) -> None:
     loop = settings(max_steps=20, steps_per_report=5, steps_per_eval=10, val_batches=2)
     opt = OptimizerSettings.from_dict({"learning_rate": 3e-3, "warmup_steps": 2})
     valid = Batches(items(8, seed=1), 4, pad_id=0, max_seq_length=64, seed=0, shuffle=False)
+    ctx = context(tmp_path, reports)
     result = train(
-        model, loss_fn, batches(4), valid, loop, opt, context(tmp_path, reports), artifact(model)
+        model, loss_fn, batches(4), valid, loop, opt, ctx, artifact(model), perplexity=True
     )
-    assert [r.step for r in reports] == [5, 10, 15, 20]
-    first, last = reports[0].metrics, reports[-1].metrics
+    # Step 0 is the validation of the starting weights: the "before" figure, nothing trained.
+    assert [r.step for r in reports] == [0, 5, 10, 15, 20]
+    before, first, last = reports[0].metrics, reports[1].metrics, reports[-1].metrics
+    assert set(before) == {"val_loss", "val_accuracy", "val_ppl"}, before
     assert last["train_loss"] < first["train_loss"] - 0.5, (first, last)
-    for key in ("learning_rate", "tokens_per_second", "peak_memory_gb", "accuracy", "val_loss"):
+    assert last["val_loss"] < before["val_loss"]
+    # train_* are means over training batches, val_* the same loss_fn on the validation set.
+    for key in ("learning_rate", "tokens_per_second", "peak_memory_gb", "train_accuracy"):
         assert key in last, key
+    assert "accuracy" not in last and "val_accuracy" in last
     assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
     # transformers' cosine: update 19 of 20 (warmup 2) still moves the weights.
     assert last["learning_rate"] == pytest.approx(
         3e-3 * 0.5 * (1 + math.cos(math.pi * 17 / 18)), rel=1e-5
     )
     assert reports[-1].tokens == result.metrics["tokens"] > 0
-    assert reports[0].eta_seconds > 0 and reports[-1].eta_seconds == 0
+    assert reports[1].eta_seconds > 0 and reports[-1].eta_seconds == 0
     assert result.step == 20 and result.checkpoint is not None
     assert result.checkpoint.path == tmp_path / "checkpoints" / "step_0000020"
     print("loss", first["train_loss"], "->", last["train_loss"], "val", last["val_loss"])

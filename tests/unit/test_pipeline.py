@@ -333,3 +333,30 @@ def test_template_overrides_apply_and_errors_name_the_path() -> None:
     with pytest.raises(InvalidArgument) as e:  # half depth needs the base model's depth
         templates.from_template("efficient_llm", base_model=cpb.ModelRef(model="base"))
     assert "spec.stages[0].distill.student_init.num_layers" in fields(e)
+
+
+def test_auto_configure_counts_train_rows_by_where_validation_comes_from(tmp_path) -> None:
+    from orchestrator.environment import DatasetFacts
+    from services.runtime.settings import Settings
+    from tests.conftest import DEMO_DATA, REPO
+
+    # A directory with its own valid.jsonl: every train.jsonl row trains.
+    facts = DatasetFacts(Settings(service="orchestrator", home=tmp_path, allowed_roots=(REPO,)))
+    info = facts(cpb.DatasetRef(path=str(DEMO_DATA)))
+    assert (info.rows, info.valid_rows) == (48, 16)
+    sized = env(135_000_000, 30, 300, 60_000, 24)
+    own = Environment(
+        sized.model_info, lambda ref: DatasetInfo(300, 60_000, 30), sized.memory_bytes
+    )
+    s = spec({"kind": "STAGE_KIND_SFT", "sft": {"loop": {"batch_size": 4}}}, auto_configure=True)
+    auto = stage(resolve(s, ALL, own), "sft")
+    assert int(auto["spec"]["loop"]["max_steps"]) == 225  # ceil(300 * 3 / 4)
+    assert auto["auto_configure"]["why"]["loop.max_steps"] == (
+        "3 epoch(s) of 300 training rows (valid.jsonl's 30 rows held out), 4 a step"
+    )
+    # A lone file: 10% of it is held out for validation, the rest trains.
+    auto = stage(resolve(s, ALL, sized), "sft")
+    assert int(auto["spec"]["loop"]["max_steps"]) == 203  # ceil(270 * 3 / 4)
+    assert auto["auto_configure"]["why"]["loop.max_steps"] == (
+        "3 epoch(s) of 270 training rows (10% of 300 held out), 4 a step"
+    )

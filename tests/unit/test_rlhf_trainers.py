@@ -230,7 +230,11 @@ def test_reward_model_learns_separable_preferences(tiny_model, prefs, tmp_path):
     }
     reports: list = []
     info = reward_model.run(cfg, _ctx(tmp_path / "rm", reports))
-    assert reports[0].metrics["accuracy"] < reports[-1].metrics["accuracy"]
+    trained = [r for r in reports if r.step > 0]
+    assert trained[0].metrics["train_accuracy"] < trained[-1].metrics["train_accuracy"]
+    # Held-out accuracy is measured before training (step 0) and at the end.
+    assert reports[0].step == 0 and "val_accuracy" in reports[0].metrics
+    assert info.metrics["val_accuracy"] > reports[0].metrics["val_accuracy"]
     assert info.metrics["val_accuracy"] > 0.9
     assert info.metrics["val_margin"] > 0
     assert heads.head_metadata(info.path)["mlxu_head"] == "reward"
@@ -245,8 +249,13 @@ def test_reward_model_learns_separable_preferences(tiny_model, prefs, tmp_path):
     assert scores[0] > scores[1]
 
 
-def test_dpo_raises_chosen_over_rejected_and_reuses_reference_cache(tiny_model, prefs, tmp_path):
+def test_dpo_raises_chosen_over_rejected_and_reuses_reference_cache(
+    tiny_model, prefs, tmp_path, monkeypatch
+):
     from services.rlhf.trainers import dpo
+    from services.runtime import phases
+
+    monkeypatch.setattr(phases, "EVERY_S", 0.0)  # a progress line per batch scored
 
     cfg = {
         "policy": {"model": str(tiny_model)},
@@ -269,14 +278,25 @@ def test_dpo_raises_chosen_over_rejected_and_reuses_reference_cache(tiny_model, 
         dpo.run(cfg, _ctx(out, reports, stop_after=2, logs=logs))
     assert (out / dpo.CACHE_FILE).is_file()
     assert any("answers scored" in m for m in logs)
+    # Scoring says how far it got while it runs (64 pairs: 128 answers, 16 a batch).
+    assert "scoring reference log-probs: 128 answers" in logs
+    progress = "scoring reference log-probs: 16/128 answers (12%)"
+    assert any(m.startswith(progress) for m in logs), logs
     logs.clear()
     info = dpo.run(cfg, _ctx(out, reports, logs=logs))
     assert any("reusing" in m for m in logs)
     assert any("resumed from" in m for m in logs)
     assert info.step == 20
     for key in ("rewards_chosen", "rewards_rejected", "accuracies", "margins", "logps_chosen"):
-        assert key in reports[-1].metrics
-    # At the start policy == reference: every implicit reward is 0, the loss log(2).
+        assert f"train_{key}" in reports[-1].metrics and key not in reports[-1].metrics
+    # Held-out accuracy and margins are measured on the validation pairs at every eval; at
+    # step 0 policy == reference: every implicit reward is 0, the loss log(2), margins 0.
+    assert reports[0].step == 0
+    assert reports[0].metrics["val_loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert reports[0].metrics["val_margins"] == pytest.approx(0.0, abs=1e-5)
+    assert "val_ppl" not in info.metrics
+    # tokens_per_second counts tokens (both answers of each pair), not pairs.
+    assert reports[-1].tokens > 20 * 8 * 2
     assert info.metrics["val_accuracies"] > 0.9
     assert info.metrics["val_margins"] > 0
     assert info.metrics["val_loss"] < np.log(2) - 0.02

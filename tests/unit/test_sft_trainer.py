@@ -103,10 +103,14 @@ def _val_loss(model: nn.Module, tokenizer, cfg: dict) -> float:
 @pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora"])
 def test_loss_falls_and_result_loads_in_mlx_lm(base, data, out, method) -> None:
     final, reports, cfg = trained(base, data, out, method)
-    first, last = reports[0].metrics, reports[-1].metrics
+    before, first, last = reports[0].metrics, reports[1].metrics, reports[-1].metrics
     print(method, "train_loss", round(first["train_loss"], 3), "->", round(last["train_loss"], 3))
     untrained = _val_loss(*models.load_model(str(base)), cfg)
     print(method, "val_loss untrained", round(untrained, 3), "->", round(last["val_loss"], 3))
+    # The step-0 report is the validation of the untouched model (QLoRA: once quantised).
+    assert reports[0].step == 0 and "train_loss" not in before
+    if method != "qlora":
+        assert before["val_loss"] == pytest.approx(untrained, rel=1e-4)
     assert last["train_loss"] < first["train_loss"] - 1.0
     assert last["val_loss"] < untrained - 1.0
     assert reports[-1].step == 24 and reports[-1].total_steps == 24

@@ -103,16 +103,22 @@ def make_loss_fn(
 
 
 def finish_metrics(m: dict[str, float], n: int) -> dict[str, float]:
-    """Reported metrics: `loss` (= train_loss) and kd_teacher_i as the mean over the tokens that
-    teacher i scored in the window (absent when it scored none, e.g. no routed rows);
-    kd_teacher_i_tokens is the fraction of counted tokens it scored."""
+    """Reported metrics: `loss` (= train_loss); `temperature` (the schedule's value, not a
+    batch mean); and, for the training batches (train_) and the validation set (val_),
+    kd_teacher_i as the mean over the tokens that teacher i scored (absent when it scored
+    none, e.g. no routed rows), kd_teacher_i_tokens the fraction of counted tokens it
+    scored. val_kd_loss is the held-out teacher-student divergence."""
     out = {"loss": m.get("train_loss", 0.0), **m}
-    for i in range(n):
-        frac = out.get(f"kd_teacher_{i}_tokens")
-        if frac is None:
-            continue
-        if frac > 0:
-            out[f"kd_teacher_{i}"] = out[f"kd_teacher_{i}"] / frac
-        else:
-            out.pop(f"kd_teacher_{i}", None)
+    if "train_temperature" in out:
+        out["temperature"] = out.pop("train_temperature")
+    out.pop("val_temperature", None)
+    for split in ("train", "val"):
+        for i in range(n):
+            frac = out.get(f"{split}_kd_teacher_{i}_tokens")
+            if frac is None:
+                continue
+            if frac > 0:
+                out[f"{split}_kd_teacher_{i}"] = out[f"{split}_kd_teacher_{i}"] / frac
+            else:
+                out.pop(f"{split}_kd_teacher_{i}", None)
     return out

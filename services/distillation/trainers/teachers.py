@@ -24,6 +24,7 @@ import numpy as np
 
 from services.distillation.trainers import losses, student
 from services.runtime.errors import InvalidArgument
+from services.runtime.phases import Phase, duration
 
 CACHE_DIR = "teacher_cache"
 
@@ -297,8 +298,8 @@ class TeacherCache:
                 return cls(path, {n: np.array(a) for n, a in arrays.items()}, vocab)
         if not teachers:
             raise RuntimeError("teacher cache is stale and no teacher is loaded to rebuild it")
-        if log:
-            log(f"building the teacher cache for {len(items)} {split} rows (top-{k})")
+        what = f"caching the teachers' top-{k} of the {split} split"
+        phase = Phase(log, what, len(items), "rows")
         order = sorted(range(len(items)), key=lambda i: len(items[i]))
         per_row: list[tuple[np.ndarray, ...] | None] = [None] * len(items)
         for b in range(0, len(order), batch_size):
@@ -312,6 +313,7 @@ class TeacherCache:
             for r, i in enumerate(rows):
                 n = len(items[i]) - 1
                 per_row[i] = (idx[r, :n], top[r, :n], rest[r, :n])
+            phase.advance(len(rows))
         lengths = [len(p[0]) for p in per_row]  # type: ignore[index]
         arrays = {
             "idx": np.concatenate([p[0] for p in per_row]).astype(np.int32),  # type: ignore[index]
@@ -325,6 +327,8 @@ class TeacherCache:
             str(tmp), {n: mx.array(a) for n, a in arrays.items()}, metadata={"key": key}
         )
         os.replace(tmp, path)
+        if log:
+            log(f"teacher cache: {len(items)} {split} rows in {duration(phase.elapsed)}, at {path}")
         return cls(path, arrays, vocab)
 
     def lookup(self, rows: Sequence[int], length: int) -> dict[str, mx.array]:

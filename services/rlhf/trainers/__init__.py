@@ -228,34 +228,6 @@ def train_rollouts(
     return final
 
 
-def evaluate_metrics(model, loss_fn, batches) -> dict[str, float]:
-    """Weight-averaged loss and metrics of ``loss_fn`` over one pass of ``batches``, as
-    ``val_<name>`` (the shared loop's own evaluation reports the loss only); over every
-    rank's share in a data-parallel job (all ranks must call it)."""
-    import mlx.core as mx
-
-    model.eval()
-    sums: dict[str, float] = {}
-    n = 0.0
-    try:
-        for batch in batches:
-            arrays = {k: v for k, v in batch.items() if isinstance(v, mx.array)}
-            loss, w, metrics = loss_fn(model, arrays)
-            w = float(w.item())
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v.item()) * w
-            n += w
-    finally:
-        model.train()
-    world = mx.distributed.init()
-    if world.size() > 1 and sums:  # each rank saw its share of the validation set
-        keys = sorted(sums)
-        total = mx.distributed.all_sum(mx.array([sums[k] for k in keys] + [n]), stream=mx.cpu)
-        *values, n = total.tolist()
-        sums = dict(zip(keys, values, strict=True))
-    return {f"val_{k}": v / n for k, v in sums.items()} if n else {}
-
-
 def run_cli(run, argv: list[str], module: str) -> int:
     """``python -m <trainer module> CONFIG.json OUTPUT_DIR``: run a trainer outside a job,
     resuming from the newest checkpoint in OUTPUT_DIR, printing reports."""

@@ -37,7 +37,6 @@ import mlx.nn as nn
 import numpy as np
 
 from services.rlhf.trainers import (
-    evaluate_metrics,
     load_policy,
     load_reference,
     run_cli,
@@ -51,6 +50,7 @@ from services.runtime.loop import (
     Artifact,
     train,
 )
+from services.runtime.phases import Phase, duration
 from services.schema.preference import DPOConfig
 
 CACHE_FILE = "reference_logps.safetensors"
@@ -102,7 +102,9 @@ def _fingerprint(ref: dict, dtype: str, data: datasets.PreparedData) -> str:
     return h.hexdigest()
 
 
-def _score_all(reference: nn.Module, data: datasets.PreparedData, batch_size: int) -> dict:
+def _score_all(
+    reference: nn.Module, data: datasets.PreparedData, batch_size: int, phase: Phase | None = None
+) -> dict:
     table: dict[bytes, float] = {}
     for split in ("train", "valid"):
         if not getattr(data, split):
@@ -110,17 +112,26 @@ def _score_all(reference: nn.Module, data: datasets.PreparedData, batch_size: in
         for batch in data.batches(split, batch_size, seed=0, shuffle=False):
             arrays = {k: v for k, v in batch.items() if isinstance(v, mx.array)}
             logps, _ = sequence_logps(reference, arrays)
-            for key, lp in zip(_row_keys(batch), logps.tolist(), strict=True):
+            keys = _row_keys(batch)
+            for key, lp in zip(keys, logps.tolist(), strict=True):
                 if key is not None:
                     table[key] = lp
+            if phase is not None:
+                phase.advance(sum(k is not None for k in keys))
     return table
 
 
 def precompute(
-    path: Path, reference: nn.Module, data: datasets.PreparedData, fingerprint: str, bs: int
+    path: Path,
+    reference: nn.Module,
+    data: datasets.PreparedData,
+    fingerprint: str,
+    bs: int,
+    phase: Phase | None = None,
 ) -> ReferenceLogps:
-    """Score every answer once with the reference; write the cache atomically."""
-    table = _score_all(reference, data, bs)
+    """Score every answer once with the reference (``phase`` counts the answers); write the
+    cache atomically."""
+    table = _score_all(reference, data, bs, phase)
     keys = list(table)
     arrays = {
         "logps": mx.array(np.asarray([table[k] for k in keys], np.float32)),
@@ -211,6 +222,7 @@ def make_loss(loss_type: str, beta: float, label_smoothing: float):
             "margins": mean(r_c - r_r),
             "logps_chosen": mean(mx.stop_gradient(logps[:b])),
             "logps_rejected": mean(mx.stop_gradient(logps[b:])),
+            "tokens": batch["lengths"].sum().astype(mx.float32),  # both answers of every pair
         }
         return mean(losses), aux(n), {k: aux(v) for k, v in metrics.items()}
 
@@ -261,10 +273,8 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     loss_fn = make_loss(cfg.loss, cfg.beta, cfg.label_smoothing)
     result = train(policy.model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact)
 
+    # The loop's last validation left val_loss, val_accuracies and val_margins in here.
     metrics = dict(result.metrics)
-    if valid_batches is not None:
-        metrics.update(evaluate_metrics(policy.model, loss_fn, valid_batches))
-    metrics.pop("val_ppl", None)  # a perplexity of a DPO loss means nothing
     if result.checkpoint is None:  # a non-main rank of a data-parallel job
         return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, policy.kind, result.step)
     final = checkpoints.publish(result.checkpoint.path, Path(ctx.output_dir), metrics)
@@ -294,8 +304,13 @@ def _reference(cfg: DPOConfig, policy, data, ctx: JobContext):
         return ref_cfg, None, reference
     Path(ctx.output_dir).mkdir(parents=True, exist_ok=True)
     # Every rank of a data-parallel job scores and writes the same numbers (atomic rename).
-    cache = precompute(path, reference, data, fingerprint, cfg.loop.micro_batch_size)
-    ctx.log(f"reference log-probs: {len(cache.table)} answers scored, cached in {path}")
+    answers = 2 * (len(data.train) + len(data.valid))
+    phase = Phase(ctx.log, "scoring reference log-probs", answers, "answers")
+    cache = precompute(path, reference, data, fingerprint, cfg.loop.micro_batch_size, phase)
+    ctx.log(
+        f"reference log-probs: {len(cache.table)} answers scored in {duration(phase.elapsed)}, "
+        f"cached in {path}"
+    )
     del reference
     gc.collect()
     mx.clear_cache()

@@ -40,7 +40,6 @@ import numpy as np
 
 from services.rlhf.trainers import (
     dpo,
-    evaluate_metrics,
     load_policy,
     load_reference,
     run_cli,
@@ -57,6 +56,7 @@ from services.runtime.loop import (
     total_steps,
     train,
 )
+from services.runtime.phases import Phase, duration
 from services.schema.preference import KTO_FORMATS as FORMATS
 from services.schema.preference import KTO_LOSSES, KTOConfig
 
@@ -120,8 +120,11 @@ def make_loss(cfg: KTOConfig, world_size: int = 1):
         logps, _ = sequence_logps(model, batch)
         real = (batch["lengths"] > 0).astype(mx.float32)
         kl = mx.array(0.0)
+        tokens = batch["lengths"].sum().astype(mx.float32)
         if use_kl:
-            kl_logps, _ = sequence_logps(model, kl_view(batch))
+            view = kl_view(batch)
+            kl_logps, _ = sequence_logps(model, view)
+            tokens = tokens + view["lengths"].sum().astype(mx.float32)
             kl = kl_estimate(kl_logps, batch["ref_kl_logps"], real, world_size)
         labels = batch["label"]
         losses, rewards = kto_loss(logps, batch["ref_logps"], labels, kl, **params)
@@ -139,6 +142,7 @@ def make_loss(cfg: KTOConfig, world_size: int = 1):
             "margins": r_c - r_r,
             "logps_chosen": mean(mx.stop_gradient(logps), good),
             "logps_rejected": mean(mx.stop_gradient(logps), bad),
+            "tokens": tokens,
         }
         return mean(losses, real), aux(n), {k: aux(v) for k, v in metrics.items()}
 
@@ -210,9 +214,21 @@ def _schedule(data: datasets.PreparedData, loop: LoopSettings, use_kl: bool) -> 
         yield from data.batches("valid", bs, seed=loop.seed, shuffle=False)
 
 
-def _score_all(reference: nn.Module, batches, use_kl: bool) -> dict[bytes, float]:
+def _schedule_len(data: datasets.PreparedData, loop: LoopSettings, use_kl: bool) -> int:
+    """How many batches ``_schedule`` yields (for the scoring phase's progress)."""
+    bs = loop.micro_batch_size
+    train = data.batches("train", bs, seed=loop.seed, shuffle=use_kl)
+    n = total_steps(loop, train) * loop.grad_accumulation_steps if use_kl else len(train)
+    return n + (len(data.batches("valid", bs, seed=loop.seed, shuffle=False)) if data.valid else 0)
+
+
+def _score_all(
+    reference: nn.Module, batches, use_kl: bool, phase: Phase | None = None
+) -> dict[bytes, float]:
     table: dict[bytes, float] = {}
     for batch in batches:
+        if phase is not None:
+            phase.advance()
         for view in [batch, kl_view(batch)] if use_kl else [batch]:
             keys = _row_keys(view)
             if all(k is None or k in table for k in keys):  # a later epoch's rows
@@ -269,9 +285,14 @@ def _reference(cfg: KTOConfig, policy, data, ctx: JobContext, use_kl: bool):
     if not cfg.precompute_reference:
         return ref_cfg, None, reference
     Path(ctx.output_dir).mkdir(parents=True, exist_ok=True)
-    table = _score_all(reference, _schedule(data, cfg.loop, use_kl), use_kl)
+    n = _schedule_len(data, cfg.loop, use_kl)
+    phase = Phase(ctx.log, "scoring reference log-probs", n, "batches")
+    table = _score_all(reference, _schedule(data, cfg.loop, use_kl), use_kl, phase)
     _save_cache(path, table, fingerprint)  # every rank writes the same numbers (rename)
-    ctx.log(f"reference log-probs: {len(table)} sequences scored, cached in {path}")
+    ctx.log(
+        f"reference log-probs: {len(table)} sequences scored in {duration(phase.elapsed)}, "
+        f"cached in {path}"
+    )
     del reference
     gc.collect()
     mx.clear_cache()
@@ -350,10 +371,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     loss_fn = make_loss(cfg, world.size())
     result = train(policy.model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact)
 
-    metrics = dict(result.metrics)
-    if valid_batches is not None:
-        metrics.update(evaluate_metrics(policy.model, loss_fn, valid_batches))
-    metrics.pop("val_ppl", None)  # a perplexity of a KTO loss means nothing
+    metrics = dict(result.metrics)  # the loop's last validation: val_loss, val_margins, ...
     if result.checkpoint is None:  # a non-main rank of a data-parallel job
         return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, policy.kind, result.step)
     final = checkpoints.publish(result.checkpoint.path, Path(ctx.output_dir), metrics)

@@ -29,7 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from services.rlhf.trainers import evaluate_metrics, load_policy, run_cli, write_policy
+from services.rlhf.trainers import load_policy, run_cli, write_policy
 from services.rlhf.trainers.losses import aux, token_logps
 from services.runtime import checkpoints, datasets
 from services.runtime.contract import CheckpointInfo, JobContext
@@ -92,6 +92,7 @@ def make_loss(beta: float):
             "nll_loss": mx.stop_gradient(nll),
             "log_odds_ratio": mean(mx.stop_gradient(ratio)),
             "log_odds_chosen": mean(mx.stop_gradient(log_odds)),
+            "tokens": lengths.sum().astype(mx.float32),
         }
         return nll - mean(losses), aux(n), {k: aux(v) for k, v in metrics.items()}
 
@@ -135,10 +136,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     loss_fn = make_loss(cfg.beta)
     result = train(policy.model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact)
 
-    metrics = dict(result.metrics)
-    if valid_batches is not None:
-        metrics.update(evaluate_metrics(policy.model, loss_fn, valid_batches))
-    metrics.pop("val_ppl", None)  # the ORPO loss is no per-token NLL
+    metrics = dict(result.metrics)  # the loop's last validation: val_loss, val_accuracies, ...
     if result.checkpoint is None:  # a non-main rank of a data-parallel job
         return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, policy.kind, result.step)
     final = checkpoints.publish(result.checkpoint.path, Path(ctx.output_dir), metrics)

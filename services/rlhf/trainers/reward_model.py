@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from services.rlhf.trainers import evaluate_metrics, heads, load_policy, run_cli, write_policy
+from services.rlhf.trainers import heads, load_policy, run_cli, write_policy
 from services.rlhf.trainers.losses import aux, bradley_terry_loss
 from services.runtime import checkpoints, datasets
 from services.runtime.contract import CheckpointInfo, JobContext
@@ -56,6 +56,7 @@ def make_loss(use_margin: bool, center_coef: float):
         real = (batch["lengths"][:b] > 0).astype(mx.float32)
         margin = batch.get("margin") if use_margin else None
         loss, metrics = bradley_terry_loss(r[:b], r[b:], margin, center_coef, mask=real)
+        metrics["tokens"] = batch["lengths"].sum().astype(mx.float32)
         return loss, aux(real.sum()), {k: aux(v) for k, v in metrics.items()}
 
     return loss_fn
@@ -98,9 +99,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     loss_fn = make_loss(cfg.use_margin, cfg.center_rewards_coef)
     result = train(model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact)
 
-    metrics = dict(result.metrics)
-    if valid_batches is not None:
-        metrics.update(evaluate_metrics(model, loss_fn, valid_batches))
+    metrics = dict(result.metrics)  # the loop's last validation: val_loss, val_accuracy, ...
     if result.checkpoint is None:  # a non-main rank of a data-parallel job
         return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, policy.kind, result.step)
     final = checkpoints.publish(result.checkpoint.path, Path(ctx.output_dir), metrics)

@@ -298,7 +298,7 @@ def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metr
     rec = _Recorder(store, job_id, metrics) if rank == 0 and store is not None else None
     if rec is not None:
         ctx.report, ctx.checkpoint_written, ctx.log = rec.report, rec.checkpoint, rec.log
-        start = f"resuming from {resume_from}" if resume_from else "starting from step 0"
+        start = f"resuming from {resume_from}" if resume_from else "starting (nothing to resume)"
         rec.log(f"attempt {spec.attempts} (pid {os.getpid()}, {world} process(es)): {start}")
     log.info("job_start", entry=spec.entry, resume_from=str(resume_from or ""), world=world)
     try:

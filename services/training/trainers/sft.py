@@ -189,7 +189,9 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
 
     resolved = cfg.to_dict()
     artifact = Artifact(kind=kind, write=write, base_model=base, config=resolved)
-    result = train(model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact)
+    result = train(
+        model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact, perplexity=True
+    )
 
     metrics = dict(result.metrics)
     metrics["train_rows"] = float(data.stats.rows)
