@@ -1,0 +1,124 @@
+"""The gateway's FastAPI app and its server: ``mlxu serve gateway`` (or
+``python -m services.gateway.app``) serves it with uvicorn on MLXU_GATEWAY_PORT (8700)."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+
+from services.gateway import errors, legacy, resources, streams
+from services.gateway.backends import Backends
+from services.runtime import logs
+from services.runtime.settings import Settings
+
+SERVICE = "gateway"
+DESCRIPTION = (
+    "HTTP/JSON over the MLX Unified Training services. Send `X-API-Key` when the services "
+    'have keys (MLXU_API_KEYS). Errors: `{"error": {"code", "message", "violations"}}`.'
+    " Guide: docs/http.md."
+)
+
+
+def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await app.state.backends.close()
+
+    app = FastAPI(
+        title="MLX Unified Training",
+        version="v1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.backends = backends or Backends(settings.endpoints)
+    errors.install(app)
+
+    @app.get("/healthz", tags=["health"], summary="The gateway and its services' health")
+    async def healthz(request: Request) -> JSONResponse:
+        states = await request.app.state.backends.health()
+        ok = all(s == "SERVING" for s in states.values())
+        body = {"status": "ok" if ok else "degraded", "services": states}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    app.include_router(legacy.router)
+    app.include_router(streams.router)
+    app.include_router(resources.router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(resources.SCHEMAS)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(host: str | None = None, port: int | None = None, home: str | None = None) -> None:
+    import uvicorn
+
+    log = logs.configure(SERVICE)
+    overrides: dict[str, object] = {}
+    if host:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if home:
+        overrides["home"] = Path(home).expanduser().resolve()
+    settings = Settings.from_env(SERVICE, **overrides)
+    if not settings.api_keys and not _loopback(settings.host):
+        # As the gRPC services: without a key, nobody off this machine may call.
+        log.warning("no_api_key_loopback_only", requested_host=settings.host)
+        settings = replace(settings, host="127.0.0.1")
+    tls = {}
+    if settings.tls_cert and settings.tls_key:
+        tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    log.info(
+        "serving",
+        address=f"{settings.host}:{settings.port}",
+        backends=settings.endpoints,
+        auth=bool(settings.api_keys),
+        tls=bool(tls),
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        **tls,
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--home")
+    a = p.parse_args()
+    main(a.host, a.port, a.home)
