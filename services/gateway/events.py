@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -56,9 +56,15 @@ async def _pump(source: AsyncIterator[Any], queue: asyncio.Queue) -> None:
 
 
 async def sse(
-    source: AsyncIterator[Any], render: Callable[[Any], tuple[str, int, dict]]
+    source: AsyncIterator[Any],
+    render: Callable[[Any], tuple[str, int, dict]],
+    finished: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[str]:
-    """SSE frames for ``source``'s items; ``render(item)`` -> (event name, seq, JSON data)."""
+    """SSE frames for ``source``'s items; ``render(item)`` -> (event name, seq, JSON data).
+
+    When ``source`` ends, ``finished()`` says whether that was the end of the job or run
+    (then an ``end`` event) or a service going away (then the connection just closes, and
+    the client reconnects with Last-Event-ID, as EventSource does by itself)."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=64)
     task = asyncio.create_task(_pump(source, queue))
     try:
@@ -70,7 +76,8 @@ async def sse(
                 yield ": keepalive\n\n"
                 continue
             if item is _DONE:
-                yield frame("end", {})
+                if finished is None or await finished():
+                    yield frame("end", {})
                 return
             if isinstance(item, BackendError):
                 # Already streaming: the status line is sent, so the error is an event.

@@ -3,17 +3,20 @@ Generate, as SSE chunks or one JSON answer."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from clients.client import TERMINAL_JOB_STATES, TERMINAL_RUN_STATES
 from mlx_unified.v1 import common_pb2 as cpb
 from mlx_unified.v1 import generation_pb2 as gpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
 from services.gateway import deps, events
 from services.gateway.backends import Backends
 from services.gateway.convert import parse, to_json
+from services.gateway.errors import BackendError
 from services.gateway.resources import GEN, JOBS, ORCH, SCHEMAS, body_json, service_of
 from services.gateway.schemas import ref
 
@@ -49,9 +52,19 @@ async def job_events(
     svc = service_of("{service}", {"service": service})
     seq = events.after_seq(request, after_seq)
     # Refusals (no such job, bad key, service down) are HTTP errors, before any event.
-    await b.call(svc, JOBS, "GetJob", cpb.GetJobRequest(job_id=job_id), key)
+    get = cpb.GetJobRequest(job_id=job_id)
+    await b.call(svc, JOBS, "GetJob", get, key)
+
+    async def finished() -> bool:
+        try:
+            job = (await b.call(svc, JOBS, "GetJob", get, key)).job
+        except BackendError:
+            return False
+        return job.state in TERMINAL_JOB_STATES
+
     req = cpb.WatchJobRequest(job_id=job_id, after_seq=seq, view=cpb.JOB_VIEW_BASIC)
-    return events.response(events.sse(b.stream(svc, JOBS, "WatchJob", req, key), _job_frame))
+    source = b.stream(svc, JOBS, "WatchJob", req, key)
+    return events.response(events.sse(source, _job_frame, finished))
 
 
 @router.get(
@@ -69,11 +82,19 @@ async def run_events(
     key: str | None = Depends(deps.api_key),
 ) -> StreamingResponse:
     seq = events.after_seq(request, after_seq)
-    await b.call("orchestrator", ORCH, "GetRun", opb.GetRunRequest(run_id=run_id), key)
+    get = opb.GetRunRequest(run_id=run_id)
+    await b.call("orchestrator", ORCH, "GetRun", get, key)
+
+    async def finished() -> bool:
+        try:
+            run = (await b.call("orchestrator", ORCH, "GetRun", get, key)).run
+        except BackendError:
+            return False
+        return run.state in TERMINAL_RUN_STATES
+
     req = opb.WatchRunRequest(run_id=run_id, after_seq=seq)
-    return events.response(
-        events.sse(b.stream("orchestrator", ORCH, "WatchRun", req, key), _run_frame)
-    )
+    source = b.stream("orchestrator", ORCH, "WatchRun", req, key)
+    return events.response(events.sse(source, _run_frame, finished))
 
 
 def _joined(chunks: list[gpb.GenerateResponse]) -> dict[str, Any]:
@@ -114,5 +135,15 @@ async def generate(
     source = b.stream(svc, GEN, "Generate", req, key)
     if not stream:
         return JSONResponse(_joined([c async for c in source]))
+    # The first chunk is awaited here, so a refusal (no such model, a limit) is an HTTP
+    # error rather than an event in a 200 stream.
+    first = await anext(source, None)
+
+    async def chunks() -> AsyncIterator[gpb.GenerateResponse]:
+        if first is not None:
+            yield first
+            async for c in source:
+                yield c
+
     counter = iter(range(1, 1 << 62))
-    return events.response(events.sse(source, lambda c: ("chunk", next(counter), to_json(c))))
+    return events.response(events.sse(chunks(), lambda c: ("chunk", next(counter), to_json(c))))

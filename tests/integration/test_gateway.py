@@ -6,7 +6,7 @@ Server-Sent Events resumed with Last-Event-ID."""
 from __future__ import annotations
 
 import contextlib
-import json
+import json as _json
 import os
 import signal
 import subprocess
@@ -151,19 +151,23 @@ def finished_run(http: httpx.Client, tiny_model: Path, datasets: dict[str, str])
 
 
 def sse(
-    http: httpx.Client, path: str, last_id: int | None = None
+    http: httpx.Client,
+    path: str,
+    last_id: int | None = None,
+    method: str = "GET",
+    json: dict | None = None,
 ) -> list[tuple[str, int | None, dict]]:
     """(event, id, data) of every SSE event until the stream ends."""
     headers = {"Last-Event-ID": str(last_id)} if last_id is not None else {}
     out: list[tuple[str, int | None, dict]] = []
-    with http.stream("GET", path, headers=headers, timeout=120) as r:
+    with http.stream(method, path, headers=headers, json=json, timeout=120) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         event, seq, data = "message", None, ""
         for line in r.iter_lines():
             if not line:
                 if data:
-                    out.append((event, seq, json.loads(data)))
+                    out.append((event, seq, _json.loads(data)))
                 event, seq, data = "message", None, ""
             elif line.startswith("event: "):
                 event = line[7:]
@@ -293,3 +297,16 @@ def test_missing_things_are_404s(http: httpx.Client) -> None:
     assert http.get("/v1/runs/nope/events").status_code == 404
     r = http.get("/v1/jobs/orchestrator")
     assert r.status_code == 400  # jobs live on the trainer services only
+
+
+def test_generate_as_json_and_as_sse(http: httpx.Client, tiny_model: Path) -> None:
+    body = {"model": {"model": str(tiny_model)}, "prompt": "hello", "sampling": {"max_tokens": 4}}
+    r = http.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["completion_tokens"] == len(out["token_ids"]) <= 4 and out["prompt_tokens"] > 0
+    chunks = sse(http, "/v1/generate?stream=true", method="POST", json=body)
+    assert chunks[-1][0] == "end"
+    assert [t for _, _, c in chunks[:-1] for t in c["token_ids"]] == out["token_ids"]  # greedy
+    r = http.post("/v1/generate?stream=true", json={**body, "model": {"model": "/nope"}})
+    assert r.status_code == 400, r.text  # refused before the stream starts
