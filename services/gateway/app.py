@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from orchestrator.backend import channel_credentials
 from services.gateway import errors, legacy, resources, streams
 from services.gateway.backends import Backends
 from services.runtime import logs
@@ -40,7 +42,8 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.backends = backends or Backends(settings.endpoints)
+    # TLS towards the services exactly as the orchestrator does (MLXU_TLS_* settings).
+    app.state.backends = backends or Backends(settings.endpoints, channel_credentials(settings))
     errors.install(app)
 
     @app.get("/healthz", tags=["health"], summary="The gateway and its services' health")
@@ -92,9 +95,11 @@ def main(host: str | None = None, port: int | None = None, home: str | None = No
         # As the gRPC services: without a key, nobody off this machine may call.
         log.warning("no_api_key_loopback_only", requested_host=settings.host)
         settings = replace(settings, host="127.0.0.1")
-    tls = {}
-    if settings.tls_cert and settings.tls_key:
+    tls: dict[str, Any] = {}
+    if settings.tls_cert and settings.tls_key:  # HTTPS, and mTLS with a client CA
         tls = {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+        if settings.tls_client_ca:
+            tls |= {"ssl_ca_certs": settings.tls_client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
     log.info(
         "serving",
         address=f"{settings.host}:{settings.port}",

@@ -33,16 +33,22 @@ def metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 class Backends:
     """Channels to the four services, opened lazily on the running event loop."""
 
-    def __init__(self, addresses: Mapping[str, str]) -> None:
+    def __init__(
+        self, addresses: Mapping[str, str], credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.addresses = {s: addresses[s] for s in SERVICES}
+        self.credentials = credentials
         self._channels: dict[str, aio.Channel] = {}
 
     def channel(self, service: str) -> aio.Channel:
         if service not in self.addresses:
             raise KeyError(service)
         if service not in self._channels:
-            self._channels[service] = aio.insecure_channel(
-                self.addresses[service], options=_OPTIONS
+            addr = self.addresses[service]
+            self._channels[service] = (
+                aio.secure_channel(addr, self.credentials, options=_OPTIONS)
+                if self.credentials is not None
+                else aio.insecure_channel(addr, options=_OPTIONS)
             )
         return self._channels[service]
 
