@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from orchestrator.backend import channel_credentials
 from services.gateway import errors, legacy, resources, streams
 from services.gateway.backends import Backends
+from services.gateway.middleware import Edge
 from services.runtime import logs
 from services.runtime.settings import Settings
 
@@ -53,6 +54,7 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
         body = {"status": "ok" if ok else "degraded", "services": states}
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    app.add_middleware(Edge, max_bytes=settings.limits.max_request_bytes)
     app.include_router(legacy.router)
     app.include_router(streams.router)
     app.include_router(resources.router)

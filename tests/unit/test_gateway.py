@@ -4,6 +4,7 @@ gRPC statuses -> HTTP answers (never a traceback), JSON/query -> proto, SSE fram
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import grpc
@@ -212,3 +213,11 @@ def test_sse_frames_carry_the_seq() -> None:
     assert events.after_seq(Req({}), 2) == 2  # type: ignore[arg-type]
     with pytest.raises(BackendError):
         events.after_seq(Req({"last-event-id": "x"}), None)  # type: ignore[arg-type]
+
+
+def test_a_body_over_the_limit_is_refused_unread(tmp_path: Path) -> None:
+    s = Settings(service="gateway", home=tmp_path)
+    s = dataclasses.replace(s, limits=dataclasses.replace(s.limits, max_request_bytes=100))
+    with TestClient(create_app(s, _Backends())) as c:  # type: ignore[arg-type]
+        r = c.post("/v1/runs", content=b"{" + b" " * 200 + b"}")
+    assert r.status_code == 413 and r.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
