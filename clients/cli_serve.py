@@ -91,7 +91,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 else:
                     status = health_status(addr, tls=tls)
                 if status == "SERVING":
-                    eprint(f"{name:<13} serving on {_up_address(name, args.host)}")
+                    docs = f" (HTTP; API docs at http://{addr}/docs)" if name == GATEWAY else ""
+                    eprint(f"{name:<13} serving on {addr}{docs}")
                     pending.discard(name)
             if time.monotonic() > deadline:
                 eprint(f"not healthy after {args.wait_timeout:.0f}s: {', '.join(sorted(pending))}")

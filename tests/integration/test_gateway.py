@@ -139,6 +139,16 @@ def finished_run(http: httpx.Client, tiny_model: Path, datasets: dict[str, str])
     r = http.post(f"/v1/pipelines/{pipeline_id}/run")
     assert r.status_code == 200, r.text
     run_id = r.json()["run_id"]
+    live: dict[str, list] = {}
+
+    def follow() -> None:
+        # While it runs: read 3 events, hang up, come back with Last-Event-ID.
+        with httpx.Client(base_url=str(http.base_url), headers={"X-API-Key": KEY}) as c:
+            live["first"] = sse(c, f"/v1/runs/{run_id}/events", stop_after=3)
+            live["rest"] = sse(c, f"/v1/runs/{run_id}/events", last_id=live["first"][-1][1])
+
+    follower = threading.Thread(target=follow)
+    follower.start()
     seen: list[str] = []
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -147,7 +157,14 @@ def finished_run(http: httpx.Client, tiny_model: Path, datasets: dict[str, str])
         if status["status"] in TERMINAL:
             break
         time.sleep(0.5)  # polling as the original API's users do
-    return {"pipeline_id": pipeline_id, "run_id": run_id, "status": status, "seen": seen}
+    follower.join(120)
+    return {
+        "pipeline_id": pipeline_id,
+        "run_id": run_id,
+        "status": status,
+        "seen": seen,
+        "live": live,
+    }
 
 
 def sse(
@@ -156,8 +173,10 @@ def sse(
     last_id: int | None = None,
     method: str = "GET",
     json: dict | None = None,
+    stop_after: int | None = None,
 ) -> list[tuple[str, int | None, dict]]:
-    """(event, id, data) of every SSE event until the stream ends."""
+    """(event, id, data) of every SSE event until the stream ends (or ``stop_after`` events
+    have come: then the connection is closed)."""
     headers = {"Last-Event-ID": str(last_id)} if last_id is not None else {}
     out: list[tuple[str, int | None, dict]] = []
     with http.stream(method, path, headers=headers, json=json, timeout=120) as r:
@@ -168,6 +187,8 @@ def sse(
             if not line:
                 if data:
                     out.append((event, seq, _json.loads(data)))
+                    if stop_after is not None and len(out) >= stop_after:
+                        break
                 event, seq, data = "message", None, ""
             elif line.startswith("event: "):
                 event = line[7:]
@@ -207,6 +228,10 @@ def test_example_script_runs_a_real_pipeline(
 def test_run_events_resume_after_last_event_id(http: httpx.Client, finished_run: dict) -> None:
     path = f"/v1/runs/{finished_run['run_id']}/events"
     everything = sse(http, path)
+    # Followed live (hung up after 3 events, resumed): every event once, in order.
+    live = finished_run["live"]
+    assert [e[1] for e in live["first"]] == [1, 2, 3]
+    assert live["first"] + live["rest"] == everything
     assert everything[-1][0] == "end"
     events = everything[:-1]
     seqs = [seq for _, seq, _ in events]
