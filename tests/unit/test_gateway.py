@@ -22,7 +22,7 @@ from services.gateway.convert import from_query
 from services.gateway.errors import HTTP_STATUS, BackendError
 from services.gateway.legacy_spec import PipelineCreate, build
 from services.runtime.settings import Settings
-from tests.conftest import write_jsonl
+from tests.conftest import REPO, write_jsonl
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 PREF = {"prompt": "p", "chosen": "a", "rejected": "b"}
@@ -221,3 +221,15 @@ def test_a_body_over_the_limit_is_refused_unread(tmp_path: Path) -> None:
     with TestClient(create_app(s, _Backends())) as c:  # type: ignore[arg-type]
         r = c.post("/v1/runs", content=b"{" + b" " * 200 + b"}")
     assert r.status_code == 413 and r.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+
+
+def test_gateway_is_a_servable_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from clients.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "gateway", "--port", "9999"])
+    assert (args.service, args.port) == ("gateway", 9999)
+    monkeypatch.delenv("MLXU_GATEWAY_PORT", raising=False)
+    assert Settings.from_env("gateway", home=tmp_path).port == 8700
+    monkeypatch.setenv("MLXU_GATEWAY_PORT", "18700")
+    assert Settings.from_env("gateway", home=tmp_path).port == 18700
+    assert "gateway: uv run mlxu serve gateway" in (REPO / "Procfile").read_text()
