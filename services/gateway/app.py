@@ -64,12 +64,55 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
             doc = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            doc.setdefault("components", {}).setdefault("schemas", {}).update(resources.SCHEMAS)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(resources.SCHEMAS)
+            _error_responses(doc, schemas)
             app.openapi_schema = doc
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "example": "INVALID_ARGUMENT"},
+                "message": {"type": "string"},
+                "violations": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "field": {"type": "string"},
+                            "description": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        }
+    },
+}
+
+
+def _error_responses(doc: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """Document the errors as they are sent: 400 with violations (FastAPI would say 422),
+    401 where a key is needed."""
+    schemas["Error"] = _ERROR
+    body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for ops in doc.get("paths", {}).values():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if op.get("parameters") or op.get("requestBody"):
+                responses["400"] = {"description": "invalid request (field violations)", **body}
+            if op.get("security"):
+                responses["401"] = {"description": "missing or wrong X-API-Key", **body}
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
 
 
 def _loopback(host: str) -> bool:
