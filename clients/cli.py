@@ -1,6 +1,6 @@
 """`mlxu`: run the services, submit and follow jobs and pipelines, sample from checkpoints.
 
-    mlxu up                                               # all four services
+    mlxu up                                               # the four services + HTTP gateway
     mlxu train sft --config run.yaml --iters 200          # submit, live progress, checkpoint path
     mlxu jobs list | show JOB | watch JOB | cancel JOB
     mlxu generate --model smollm2-135m-instruct --chat --prompt "Hello"
@@ -34,8 +34,8 @@ from clients.cli_jobs import (  # noqa: F401
     follow_job,
 )
 from clients.cli_pipelines import cmd_pipeline, cmd_templates, follow_run  # noqa: F401
-from clients.cli_serve import cmd_serve, cmd_up
-from clients.client import SERVICES, TRAINER_SERVICES, ClientError
+from clients.cli_serve import SERVABLE, cmd_serve, cmd_up
+from clients.client import TRAINER_SERVICES, ClientError
 from services import registry
 
 JOB_STATES = ["pending", "running", "succeeded", "failed", "cancelled"]
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _cmd(sub, "serve", cmd_serve, "run one service in the foreground")
-    p.add_argument("service", choices=SERVICES)
+    p.add_argument("service", choices=SERVABLE, help="a gRPC service, or the HTTP gateway")
     p.add_argument("--host", help="bind address (default: $MLXU_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: $MLXU_<SERVICE>_PORT or the standard)")
     p.add_argument("--home", help="data dir (default: $MLXU_HOME or ~/.mlxu)")
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(sub, "up", cmd_up, "run all services until Ctrl-C")
     p.add_argument("--host")
     p.add_argument("--home")
-    p.add_argument("--services", help="comma-separated subset (default: all four)")
+    p.add_argument("--services", help="comma-separated subset (default: all, gateway too)")
     p.add_argument("--wait-timeout", type=float, default=120.0, help="seconds to become healthy")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to stop before a kill")
 

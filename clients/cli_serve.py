@@ -16,28 +16,52 @@ import time
 from clients import config
 from clients.cli_common import eprint
 from clients.client import DEFAULT_PORTS, SERVICES, TLS, health_status
+from clients.client_connection import GATEWAY_PORT
+
+GATEWAY = "gateway"  # the HTTP/JSON gateway (services/gateway): started after the services
+SERVABLE = (*SERVICES, GATEWAY)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == GATEWAY:
+        from services.gateway.app import main as gateway_main
+
+        gateway_main(host=args.host, port=args.port, home=args.home)
+        return 0
     from services.runtime.rpc.server import main as serve_main  # heavy: only when serving
 
     serve_main(args.service, host=args.host, port=args.port, home=args.home)
     return 0
 
 
+def _gateway_status(address: str) -> str:
+    """ "SERVING" once the gateway answers /healthz with 200 (every service behind it up)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/healthz", timeout=1) as resp:
+            return "SERVING" if resp.status == 200 else "NOT_SERVING"
+    except urllib.error.HTTPError:
+        return "NOT_SERVING"
+    except (OSError, ValueError):
+        return "UNREACHABLE"
+
+
 def _up_address(service: str, host: str | None) -> str:
     host = host or os.environ.get("MLXU_HOST") or "127.0.0.1"
     if host in ("0.0.0.0", "::", "[::]", ""):
         host = "127.0.0.1"
-    port = os.environ.get(f"MLXU_{service.upper()}_PORT") or DEFAULT_PORTS[service]
+    default = GATEWAY_PORT if service == GATEWAY else DEFAULT_PORTS[service]
+    port = os.environ.get(f"MLXU_{service.upper()}_PORT") or default
     return f"{host}:{port}"
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the services as child processes, wait until healthy, stop them on Ctrl-C/SIGTERM."""
-    names = args.services.split(",") if args.services else list(SERVICES)
+    names = args.services.split(",") if args.services else list(SERVABLE)
     for n in names:
-        if n not in SERVICES:
+        if n not in SERVABLE:
             raise config.ConfigError("--services", f"unknown service {n!r}")
     tls = TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if args.tls else None
     received: list[int] = []
@@ -60,8 +84,15 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if procs[name].poll() is not None:
                     eprint(f"{name} exited with code {procs[name].returncode} while starting")
                     return _stop(procs, signal.SIGTERM, args.grace) or 1
-                if health_status(_up_address(name, args.host), tls=tls) == "SERVING":
-                    eprint(f"{name:<13} serving on {_up_address(name, args.host)}")
+                addr = _up_address(name, args.host)
+                if name == GATEWAY:
+                    # Over TLS the gateway speaks HTTPS; /healthz is not probed then.
+                    status = "SERVING" if tls else _gateway_status(addr)
+                else:
+                    status = health_status(addr, tls=tls)
+                if status == "SERVING":
+                    docs = f" (HTTP; API docs at http://{addr}/docs)" if name == GATEWAY else ""
+                    eprint(f"{name:<13} serving on {addr}{docs}")
                     pending.discard(name)
             if time.monotonic() > deadline:
                 eprint(f"not healthy after {args.wait_timeout:.0f}s: {', '.join(sorted(pending))}")

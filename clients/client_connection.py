@@ -26,6 +26,8 @@ DEFAULT_PORTS = {"training": 8500, "distillation": 8300, "rlhf": 8400, "orchestr
 SERVICES = tuple(DEFAULT_PORTS)
 TRAINER_SERVICES = ("training", "distillation", "rlhf")
 API_KEY_HEADER = "x-api-key"
+# The HTTP/JSON gateway (services/gateway; `mlxu serve gateway`): MLXU_GATEWAY_ADDR.
+GATEWAY_PORT = 8700
 
 MAX_MESSAGE = 64 * 1024 * 1024
 # Reconnect quickly after a service restart (gRPC's default backoff grows to 120 s).
@@ -42,6 +44,10 @@ def default_address(service: str) -> str:
     if service not in DEFAULT_PORTS:
         raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
     return os.environ.get(f"MLXU_{service.upper()}_ADDR") or f"127.0.0.1:{DEFAULT_PORTS[service]}"
+
+
+def gateway_address() -> str:
+    return os.environ.get("MLXU_GATEWAY_ADDR") or f"127.0.0.1:{GATEWAY_PORT}"
 
 
 @dataclass(frozen=True)

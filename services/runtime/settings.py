@@ -7,6 +7,8 @@ MLXU_ALLOWED_ROOTS   os.pathsep-separated dirs clients may read models/datasets 
 MLXU_HOST            bind address (default 127.0.0.1; with no API key, loopback only)
 MLXU_MAX_ATTEMPTS    worker starts per job before it fails (default 3)
 MLXU_TLS_CERT / MLXU_TLS_KEY / MLXU_TLS_CLIENT_CA   optional TLS / mTLS
+MLXU_<SERVICE>_PORT  a service's port (MLXU_GATEWAY_PORT: the HTTP gateway's, default 8700)
+MLXU_<SERVICE>_ADDR  where the other services are (the orchestrator's and gateway's backends)
 MLXU_OFFLINE         1 = no hub access: a hub id must already be in the local hub cache
                      (default: HF_HUB_OFFLINE)
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 PORTS = {"orchestrator": 8600, "distillation": 8300, "rlhf": 8400, "training": 8500}
+# The HTTP/JSON gateway (services/gateway): not a gRPC service, so not in PORTS.
+GATEWAY_PORT = 8700
 
 
 def _env_int(name: str, default: int) -> int:
@@ -123,7 +127,7 @@ class Settings:
             service=service,
             home=home,
             host=os.environ.get("MLXU_HOST", "127.0.0.1"),
-            port=int(env_port) if env_port else PORTS.get(service, 0),
+            port=int(env_port) if env_port else {**PORTS, "gateway": GATEWAY_PORT}.get(service, 0),
             api_keys=_keys_from_env(),
             allowed_roots=_roots_from_env(home),
             max_attempts=int(os.environ.get("MLXU_MAX_ATTEMPTS", "3")),
