@@ -24,19 +24,14 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from services.rlhf.trainers import load_policy, run_cli, write_policy
+from services.rlhf.trainers import load_policy, run_cli
 from services.rlhf.trainers.losses import aux, token_logps
-from services.runtime import checkpoints, datasets
+from services.rlhf.trainers.pairs import train_on_pairs
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.loop import (
-    Artifact,
-    train,
-)
 from services.schema.preference import ORPOConfig
 
 _LN2 = math.log(2.0)
@@ -104,44 +99,12 @@ def make_loss(beta: float):
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     cfg = ORPOConfig.rehydrate(config)
-    loop, opt = cfg.loop, cfg.optimizer
+    loop = cfg.loop
     world = mx.distributed.init()
     mx.random.seed(loop.seed)
 
     policy = load_policy(cfg.policy, cfg.method, cfg.lora, loop.dtype)
-    data = datasets.prepare(
-        cfg.dataset.to_dict(),
-        policy.tokenizer,
-        allowed_formats=("preference",),
-        max_seq_length=loop.max_seq_length,
-        mask_prompt=True,
-        seed=loop.seed,
-    )
-    ctx.log(f"orpo: {data.stats.rows} training pairs, {data.stats.valid_rows} held out")
-    dp = {"rank": world.rank(), "world_size": world.size()}
-    train_batches = data.batches("train", loop.micro_batch_size, seed=loop.seed, **dp)
-    valid_batches = None
-    if data.valid and loop.steps_per_eval != -1:
-        limit = None if loop.val_batches < 0 else loop.val_batches
-        valid_batches = data.batches(
-            "valid", loop.micro_batch_size, seed=loop.seed, shuffle=False, limit=limit, **dp
-        )
-
-    artifact = Artifact(
-        kind=policy.kind,
-        write=lambda dst: write_policy(dst, policy),
-        base_model=policy.base,
-        config={"trainer": "orpo", **cfg.to_dict()},
-    )
-    loss_fn = make_loss(cfg.beta)
-    result = train(policy.model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact)
-
-    metrics = dict(result.metrics)  # the loop's last validation: val_loss, val_accuracies, ...
-    if result.checkpoint is None:  # a non-main rank of a data-parallel job
-        return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, policy.kind, result.step)
-    final = checkpoints.publish(result.checkpoint.path, Path(ctx.output_dir), metrics)
-    ctx.checkpoint_written(final)
-    return final
+    return train_on_pairs("orpo", cfg, policy, make_loss(cfg.beta), ctx, world)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,19 +20,14 @@ TRL 1.16's RewardTrainer; its default learning rate is TRL's 1e-4. The head's bi
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from services.rlhf.trainers import heads, load_policy, run_cli, write_policy
+from services.rlhf.trainers import heads, load_policy, run_cli
 from services.rlhf.trainers.losses import aux, bradley_terry_loss
-from services.runtime import checkpoints, datasets
+from services.rlhf.trainers.pairs import train_on_pairs
 from services.runtime.contract import CheckpointInfo, JobContext
-from services.runtime.loop import (
-    Artifact,
-    train,
-)
 from services.schema.preference import RewardModelConfig
 
 
@@ -64,47 +59,16 @@ def make_loss(use_margin: bool, center_coef: float):
 
 def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     cfg = RewardModelConfig.rehydrate(config)
-    loop, opt = cfg.loop, cfg.optimizer
+    loop = cfg.loop
     world = mx.distributed.init()
     mx.random.seed(loop.seed)
 
     policy = load_policy(cfg.model, cfg.method, cfg.lora, loop.dtype, field="spec.model")
     attach_reward_head(policy.model, seed=loop.seed)
-    model, tokenizer = policy.model, policy.tokenizer
-
-    data = datasets.prepare(
-        cfg.dataset.to_dict(),
-        tokenizer,
-        allowed_formats=("preference",),
-        max_seq_length=loop.max_seq_length,
-        mask_prompt=True,
-        seed=loop.seed,
-    )
-    ctx.log(f"reward model: {data.stats.rows} training pairs, {data.stats.valid_rows} held out")
-    dp = {"rank": world.rank(), "world_size": world.size()}
-    train_batches = data.batches("train", loop.micro_batch_size, seed=loop.seed, **dp)
-    valid_batches = None
-    if data.valid and loop.steps_per_eval != -1:
-        limit = None if loop.val_batches < 0 else loop.val_batches
-        valid_batches = data.batches(
-            "valid", loop.micro_batch_size, seed=loop.seed, shuffle=False, limit=limit, **dp
-        )
-
-    artifact = Artifact(
-        kind=policy.kind,
-        write=lambda dst: write_policy(dst, policy, head_kind="reward"),
-        base_model=policy.base,
-        config={"trainer": "reward_model", **cfg.to_dict()},
-    )
     loss_fn = make_loss(cfg.use_margin, cfg.center_rewards_coef)
-    result = train(model, loss_fn, train_batches, valid_batches, loop, opt, ctx, artifact)
-
-    metrics = dict(result.metrics)  # the loop's last validation: val_loss, val_accuracy, ...
-    if result.checkpoint is None:  # a non-main rank of a data-parallel job
-        return CheckpointInfo(Path(ctx.output_dir) / checkpoints.FINAL, policy.kind, result.step)
-    final = checkpoints.publish(result.checkpoint.path, Path(ctx.output_dir), metrics)
-    ctx.checkpoint_written(final)
-    return final
+    return train_on_pairs(
+        "reward_model", cfg, policy, loss_fn, ctx, world, head_kind="reward", title="reward model"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
