@@ -65,3 +65,27 @@ def losses(events) -> list[tuple[int, float]]:
         for e in events
         if e.WhichOneof("payload") == "progress" and "train_loss" in e.progress.metrics
     ]
+
+
+def read_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard scalars from the event files in ``directory``, by tag, in write order.
+
+    Reads the TFRecord framing (8-byte length, 4-byte CRC, payload, 4-byte CRC) and the Event
+    protos themselves, so the files are checked as the format, not through our writer."""
+    import struct
+    from pathlib import Path
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(Path(directory).glob("events.out.tfevents.*"))
+    assert files, f"no event files in {directory}"
+    for f in files:
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((int(ev.step), float(v.simple_value)))
+    return out

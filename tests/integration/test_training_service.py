@@ -10,8 +10,9 @@ import grpc
 import pytest
 
 from mlx_unified.v1 import common_pb2, generation_pb2, generation_pb2_grpc, training_pb2
+from services.runtime.jobs import scalars as scalar_log
 from tests.conftest import DEMO_DATA, write_jsonl
-from tests.integration.helpers import Stubs, losses
+from tests.integration.helpers import Stubs, losses, read_scalars
 
 CHAT_ROWS = [
     {
@@ -77,6 +78,11 @@ def test_lora_sft_trains_checkpoints_and_generates(training, tiny_model, tmp_pat
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["job_id"] == job.job_id
     assert final.resolved_config["optimizer"]["name"] == "adamw"
+    # The same curve as TensorBoard event files beside the checkpoints.
+    scalars = read_scalars(ckpt.parent / scalar_log.DIRNAME)
+    assert [step for step, _ in scalars["train/loss"]] == [s for s, _ in curve]
+    assert scalars["train/loss"][-1][1] == pytest.approx(curve[-1][1], rel=1e-6)
+    assert "val/loss" in scalars and "run/learning_rate" in scalars
 
     import mlx_lm
 

@@ -52,6 +52,7 @@ from services.runtime.jobs.protocol import (
     latest_complete_checkpoint,
     write_rank_status,
 )
+from services.runtime.jobs.scalars import ScalarLog
 from services.runtime.jobs.store import JobState, JobStore
 from services.runtime.settings import Settings
 
@@ -156,9 +157,12 @@ def _init_distributed() -> Any:
 class _Recorder:
     """Turns JobContext callbacks into events (rank 0 only)."""
 
-    def __init__(self, store: JobStore, job_id: str, metrics: dict[str, float]) -> None:
+    def __init__(
+        self, store: JobStore, job_id: str, metrics: dict[str, float], scalars: ScalarLog
+    ) -> None:
         self.store = store
         self.job_id = job_id
+        self.scalars = scalars  # the same metrics as TensorBoard event files
         # Job metrics keep the latest value of each name: val_loss survives train-only reports.
         self.metrics = dict(metrics)
         self.t0 = time.monotonic()
@@ -200,6 +204,7 @@ class _Recorder:
             "eta_seconds": eta,
         }
         self._append("progress", payload, updates)
+        self.scalars.add(int(r.step), metrics)
 
     def checkpoint(self, info: CheckpointInfo) -> None:
         payload = checkpoint_payload(info, self.job_id)
@@ -274,6 +279,8 @@ def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metr
     resume_from = Path(spec.resume_from) if spec.resume_from else None
 
     def status(code: int, kind: str, reason: str = "") -> int:
+        if rec is not None:
+            rec.scalars.close()
         if group is not None:
             write_rank_status(
                 output_dir,
@@ -295,7 +302,9 @@ def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metr
         world_size=world,
         home=Settings.from_env("worker").home,
     )
-    rec = _Recorder(store, job_id, metrics) if rank == 0 and store is not None else None
+    rec = None
+    if rank == 0 and store is not None:
+        rec = _Recorder(store, job_id, metrics, ScalarLog(output_dir, resume_from))
     if rec is not None:
         ctx.report, ctx.checkpoint_written, ctx.log = rec.report, rec.checkpoint, rec.log
         start = f"resuming from {resume_from}" if resume_from else "starting (nothing to resume)"
