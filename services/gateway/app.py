@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from orchestrator.backend import channel_credentials
-from services.gateway import errors, legacy, resources, streams
+from services.gateway import errors, legacy, metrics, resources, streams
 from services.gateway.backends import Backends
 from services.gateway.middleware import Edge
 from services.runtime import logs
@@ -54,10 +54,12 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
         body = {"status": "ok" if ok else "degraded", "services": states}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    app.add_middleware(Edge, max_bytes=settings.limits.max_request_bytes)
+    http = metrics.install(app)
+    app.add_middleware(Edge, max_bytes=settings.limits.max_request_bytes, observe=http.observe)
     app.include_router(legacy.router)
     app.include_router(streams.router)
     app.include_router(resources.router)
+    app.include_router(metrics.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -16,8 +16,9 @@ class Edge:
     """Refuses a declared body over ``max_bytes`` (413, as MLXU_MAX_REQUEST_BYTES bounds a
     gRPC message) and logs method, path, status and duration of every request."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, observe: Any = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.observe = observe  # (scope, status, seconds): the request metrics
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -36,6 +37,8 @@ class Edge:
                 await send(message)
 
             await self.app(scope, receive, send_status)
+        if self.observe is not None:
+            self.observe(scope, status[0], time.monotonic() - start)
         logs.get().info(
             "http_request",
             method=scope.get("method"),

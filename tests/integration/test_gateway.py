@@ -256,6 +256,36 @@ def test_job_events_are_sse_with_seq_ids(http: httpx.Client, finished_run: dict)
     assert last["job"]["state"] == "JOB_STATE_SUCCEEDED"
 
 
+def test_prometheus_metrics_count_jobs_and_requests(
+    stack: tuple[Gateway, Path], http: httpx.Client, finished_run: dict
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert httpx.get(f"{stack[0].url}/metrics").status_code == 401  # a key, as any caller
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
+    up = {dict(k[1])["service"]: v for k, v in samples.items() if k[0] == "mlxu_service_up"}
+    assert up == dict.fromkeys(BACKENDS, 1.0)
+    done = {
+        (dict(k[1])["service"], dict(k[1])["kind"]): v
+        for k, v in samples.items()
+        if k[0] == "mlxu_jobs" and dict(k[1])["state"] == "succeeded"
+    }
+    # The finished run's three stages, each a job on its own service.
+    assert done[("training", "sft")] >= 1 and done[("rlhf", "dpo")] >= 1
+    assert done[("distillation", "distill")] >= 1
+    assert samples[("mlxu_queue_depth", (("service", "training"),))] == 0
+    routes = {
+        dict(k[1]).get("route") for k, _ in samples.items() if k[0] == "mlxu_http_requests_total"
+    }
+    assert "/v1/pipelines/create" in routes and "/v1/jobs/{service}/{job_id}/events" in routes
+
+
 def test_api_key_is_required(stack: tuple[Gateway, Path]) -> None:
     url = stack[0].url
     r = httpx.get(f"{url}/v1/pipelines")
