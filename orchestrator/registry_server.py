@@ -4,6 +4,7 @@ by the orchestrator process (it shares the orchestrator's database and runs)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from grpc import aio
@@ -43,9 +44,13 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServiceServicer):
     def _explicit(self, given: cpb.Checkpoint) -> cpb.Checkpoint:
         """The checkpoint at a client's path (confined), completed from its manifest."""
         path = confine(_required(given.path, "checkpoint.path"), self.roots, "checkpoint.path")
+        if given.kind not in cpb.CheckpointKind.values():
+            raise InvalidArgument.one("checkpoint.kind", f"unknown kind {given.kind}")
         if not path.is_dir():
             raise InvalidArgument.one("checkpoint.path", f"{given.path!r} is not a directory")
         try:
+            if not (path / checkpoints.MANIFEST).exists():
+                return self._plain(given, path)
             return self._from_manifest(given, path, checkpoints.read_manifest(path))
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # A manifest that is not what checkpoints.save writes: not a checkpoint.
@@ -55,20 +60,36 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServiceServicer):
             ) from None
 
     @staticmethod
+    def _plain(given: cpb.Checkpoint, path: Path) -> cpb.Checkpoint:
+        """An mlx-lm directory without our manifest (an export, a downloaded model)."""
+        adapter = path / "adapter_config.json"
+        if not adapter.is_file() and not (path / "config.json").is_file():
+            raise FailedPrecondition(
+                f"{given.path!r} is not a checkpoint (no manifest.json, config.json "
+                "or adapter_config.json)"
+            )
+        ckpt = cpb.Checkpoint(path=str(path), kind=given.kind, base_model=given.base_model)
+        if adapter.is_file():
+            ckpt.kind = ckpt.kind or cpb.CHECKPOINT_KIND_ADAPTER
+            base = json.loads(adapter.read_text()).get("base_model") or ""
+            ckpt.base_model = ckpt.base_model or str(base)
+        else:
+            ckpt.kind = ckpt.kind or cpb.CHECKPOINT_KIND_FULL
+        ckpt.sha256 = checkpoints.weights_sha256(path)
+        return ckpt
+
+    @staticmethod
     def _from_manifest(given: cpb.Checkpoint, path: Path, manifest: dict) -> cpb.Checkpoint:
         if not isinstance(manifest, dict):
             raise TypeError("manifest is not an object")
-        ckpt = cpb.Checkpoint()
-        ckpt.CopyFrom(given)
-        ckpt.path = str(path)
+        ckpt = cpb.Checkpoint(path=str(path), kind=given.kind, base_model=given.base_model)
         ckpt.kind = ckpt.kind or _KINDS.get(str(manifest.get("kind", "")), 0)
         ckpt.base_model = ckpt.base_model or str(manifest.get("base_model", ""))
         ckpt.sha256 = str(manifest.get("sha256", ""))
-        ckpt.step = ckpt.step or int(manifest.get("step", 0))
-        ckpt.job_id = ckpt.job_id or str(manifest.get("job_id", ""))
+        ckpt.step = int(manifest.get("step", 0))
+        ckpt.job_id = str(manifest.get("job_id", ""))
         for k, v in dict(manifest.get("metrics") or {}).items():
-            if str(k) not in ckpt.metrics:
-                ckpt.metrics[str(k)] = float(v)
+            ckpt.metrics[str(k)] = float(v)
         return ckpt
 
     def _register(self, request: rpb.RegisterModelRequest) -> rpb.ModelVersion:
@@ -85,7 +106,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServiceServicer):
             return self.models.register(
                 request.name, ckpt, base_model=base, lineage=lin, description=request.description
             )
-        raise InvalidArgument.one("source", "one of checkpoint or run is required")
+        raise InvalidArgument.one("checkpoint", "is required (or run: a run's result)")
 
     async def RegisterModel(
         self, request: rpb.RegisterModelRequest, context: aio.ServicerContext
