@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from clients import cli
 from clients.client import ClientError, MLXUClient
 from mlx_unified.v1 import common_pb2 as cpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
@@ -34,6 +35,7 @@ def test_register_as_then_train_from_the_alias(
     stack: MLXUClient,  # noqa: F811 (the fixture)
     tiny_model: Path,
     data: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     c = stack
     spec = pipeline_spec(tiny_model, data, sft_stage("tune", 4))
@@ -59,8 +61,17 @@ def test_register_as_then_train_from_the_alias(
     ]
     assert lin.config["kind"] == "sft"
 
-    assert c.set_alias("reg-sft", "production", 1).aliases == ["production"]
+    # Tagged from the CLI, read back by the client and the CLI.
+    addr = ["--address", c.address_of("orchestrator")]
+    assert cli.main(["models", "tag", "reg-sft", "production", "1", *addr]) == 0
+    assert c.get_model_version("reg-sft", alias="production").aliases == ["production"]
     assert [m.name for m in c.list_models()] == ["reg-sft"]
+    capsys.readouterr()
+    assert cli.main(["models", "show", "reg-sft:production", *addr]) == 0
+    shown = capsys.readouterr().out
+    assert "reg-sft@1  (production)" in shown and stage.job_id in shown
+    assert cli.main(["models", "list", *addr]) == 0
+    assert "production->1" in capsys.readouterr().out
 
     # Unknown versions and shadowing names are refused, naming the field.
     bad = pipeline_spec(tiny_model, data, sft_stage("again", 2))
