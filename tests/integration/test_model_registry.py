@@ -102,5 +102,19 @@ def test_register_as_then_train_from_the_alias(
     job = c.get_job(live.stages[0].job_id)
     assert job.resolved_config["model"]["adapter_path"] == v1.checkpoint.path
 
-    c.delete_model_version("reg-sft", 1)  # the run is over: allowed now
+    # StartTraining resolves its stage's model too; an unknown version names the field.
+    one = sft_stage("one", 2)
+    one.sft.dataset.path = str(data)
+    one.sft.model.model = "reg-sft@2"
+    with pytest.raises(ClientError) as e:
+        c.start_training(one)
+    assert {v.field for v in e.value.violations} == {"stage.sft.model.model"}
+    one.sft.model.model = "reg-sft@1"
+    started = c.start_training(one)
+    ref = c.get_pipeline(started.pipeline_id).spec.stages[0].sft.model
+    assert (ref.model, ref.adapter_path) == (str(tiny_model), v1.checkpoint.path)
+    list(c.watch_run(started.run_id))
+    assert c.get_run(started.run_id).state == RS.RUN_STATE_SUCCEEDED
+
+    c.delete_model_version("reg-sft", 1)  # the runs are over: allowed now
     assert not c.get_model("reg-sft").versions

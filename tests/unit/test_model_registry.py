@@ -3,6 +3,7 @@ uses a version, durability across reopen, and name@N / name:alias resolution."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,16 @@ def test_references_resolve_or_name_the_field(store: Store) -> None:
         "spec.base_model.model",
         "spec.stages[0].sft.model.model",
     }
+
+
+def test_an_older_database_gains_the_registry_tables(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "orchestrator.db"
+    Store(path).close()
+    conn = sqlite3.connect(path)  # as a database written before the registry existed
+    conn.executescript("DROP TABLE models; DROP TABLE model_versions; DROP TABLE model_aliases;")
+    conn.close()
+    s = Store(path)
+    try:
+        assert ModelRegistry(s.db).register("m", _ckpt("/c/1")).version == 1
+    finally:
+        s.close()
