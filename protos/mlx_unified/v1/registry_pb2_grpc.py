@@ -83,14 +83,17 @@ class ModelRegistryServiceServicer:
     def RegisterModel(self, request, context):
         """Register a new version (1, 2, 3, ... per name; a number is never reused) of a
         model, from an explicit checkpoint or from a run's stage result. The name is
-        created on its first version; a built-in model name is refused.
+        created on its first version. INVALID_ARGUMENT: a bad or built-in name, no source, a
+        path outside the allowed roots; NOT_FOUND: the run or stage; FAILED_PRECONDITION: the
+        stage has no result, or the directory is not a checkpoint.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Every registered model (without versions), newest first.
+        """Every registered model (without versions), newest first. INVALID_ARGUMENT: a bad
+        page_size or page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,14 +107,16 @@ class ModelRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelVersion(self, request, context):
-        """One version, by number or alias. NOT_FOUND when it does not exist.
+        """One version, by number or alias (neither: the latest). NOT_FOUND when it does not
+        exist; INVALID_ARGUMENT: no name, a version < 1.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetAlias(self, request, context):
-        """Point an alias at a version (creating or moving it).
+        """Point an alias at a version (creating or moving it). INVALID_ARGUMENT: a bad alias;
+        NOT_FOUND: no such version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +131,8 @@ class ModelRegistryServiceServicer:
 
     def DeleteModelVersion(self, request, context):
         """Delete a version (and the aliases pointing at it; the checkpoint files are left).
-        FAILED_PRECONDITION while a PENDING or RUNNING run uses it.
+        FAILED_PRECONDITION while a PENDING or RUNNING run uses it (the message names the
+        runs); NOT_FOUND: no such version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
