@@ -6,6 +6,7 @@
     mlxu generate --model smollm2-135m-instruct --chat --prompt "Hello"
     mlxu pipeline create --template {template} --model M --data D --run
     mlxu templates                  # what --template takes: {templates}
+    mlxu models list | show NAME | tag NAME ALIAS VERSION   # the model registry
 
 Exit codes: 0 success, 1 the job/run FAILED or was CANCELLED, 2 a usage, config or RPC error
 (one line per problem on stderr, never a traceback; MLXU_DEBUG=1 shows one), 130 Ctrl-C.
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from clients import config
+from clients import cli_models, config
 
 # The commands live in cli_*.py by area; their public names (and helpers callers use) are
 # re-exported here, the module `mlxu` and earlier code import them from.
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="cancelled from the CLI")
 
     _cmd(sub, "templates", cmd_templates, "list pipeline templates")
+    cli_models.add_parser(sub, _cmd)
 
     p = _cmd(sub, "demo", cmd_demo, "the quick start: chatbot template on SmolLM2-135M")
     p.add_argument("--sft-steps", type=int, default=50)

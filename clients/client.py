@@ -40,6 +40,7 @@ from clients.client_connection import (  # noqa: F401
     health_status,
 )
 from clients.client_generation import GenerationCalls, model_ref
+from clients.client_models import ModelCalls
 from mlx_unified.v1 import (
     common_pb2,
     common_pb2_grpc,
@@ -82,8 +83,9 @@ _STARTS: dict[str, tuple[str, str, type[Message]]] = {  # kind -> (service, rpc,
 }
 
 
-class MLXUClient(GenerationCalls):
-    # Bases: GenerationCalls (clients/client_generation.py: generate, score), on Connection
+class MLXUClient(GenerationCalls, ModelCalls):
+    # Bases: GenerationCalls (clients/client_generation.py: generate, score) and ModelCalls
+    # (clients/client_models.py: the model registry), on Connection
     # (clients/client_connection.py: __init__, address_of, channel, close, _call / _follow).
 
     # ---- starting jobs -----------------------------------------------------------------

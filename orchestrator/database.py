@@ -55,6 +55,16 @@ CREATE TABLE IF NOT EXISTS run_events (
   payload BLOB NOT NULL, PRIMARY KEY (run_id, seq));
 CREATE UNIQUE INDEX IF NOT EXISTS run_events_job ON run_events(run_id, stage, attempt, job_seq)
   WHERE job_seq IS NOT NULL;
+CREATE TABLE IF NOT EXISTS models (
+  name TEXT PRIMARY KEY, next_version INTEGER NOT NULL DEFAULT 1, create_time REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS model_versions (
+  name TEXT NOT NULL REFERENCES models(name), version INTEGER NOT NULL,
+  checkpoint TEXT NOT NULL, path TEXT NOT NULL, base_model TEXT NOT NULL DEFAULT '',
+  lineage TEXT, description TEXT NOT NULL DEFAULT '', create_time REAL NOT NULL,
+  PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS model_aliases (
+  name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL,
+  PRIMARY KEY (name, alias));
 """
 
 

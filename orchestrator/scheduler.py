@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from google.protobuf.message import Message
 
 from mlx_unified.v1 import common_pb2 as cpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
-from orchestrator import pipeline, templates
+from orchestrator import lineage, pipeline, templates
 from orchestrator.autoconfig import Environment
+from orchestrator.model_registry import ModelRegistry
 from orchestrator.stage_inputs import cache_key, handoff, stat_fingerprint
 from orchestrator.stages import (
     JOB_TERMINAL,
@@ -82,6 +83,7 @@ class Scheduler:
         self._tasks: dict[str, asyncio.Task] = {}
         self._ctx: dict[str, RunCtx] = {}
         self._driver = StageDriver(self)
+        self.models = ModelRegistry(store.db)
 
     # ---- pipelines -------------------------------------------------------------------
 
@@ -188,7 +190,8 @@ class Scheduler:
         try:
             to, reason, result = await self._stages(ctx, plan)
             error = reason if to == RS.RUN_STATE_FAILED else ""
-            self.store.set_run_state(rid, to, reason, error=error, result=result)
+            also = self._register_as(rid) if to == RS.RUN_STATE_SUCCEEDED else None
+            self.store.set_run_state(rid, to, reason, error=error, result=result, also=also)
             logs.get(run_id=rid).info("run_ended", state=RS.Name(to), reason=reason)
         except asyncio.CancelledError:
             raise
@@ -199,6 +202,21 @@ class Scheduler:
                 self.store.set_run_state(rid, RS.RUN_STATE_FAILED, msg, error=msg)
             except Exception:
                 logs.get(run_id=rid).exception("run_failure_not_recorded")
+
+    def _register_as(self, run_id: str) -> Callable[[Any], None] | None:
+        """The write that registers a succeeded run's result (PipelineSpec.register_as), to
+        run in the transaction that ends the run: the run never SUCCEEDS unregistered."""
+        run = self.store.get_run(run_id)
+        name = self.store.get_pipeline(run.pipeline_id).spec.register_as
+        if not name:
+            return None
+        ckpt, lin, base = lineage.from_run(self.store, run)
+
+        def write(db: Any) -> None:
+            v = self.models.add_version(db, name, ckpt, base_model=base, lineage=lin)
+            logs.get(run_id=run_id).info("model_registered", model=name, version=v)
+
+        return write
 
     async def _stages(self, ctx: RunCtx, plan: pipeline.Plan) -> tuple[int, str, Any]:
         """Run the stages still to do; returns how the run ends (state, reason, result)."""

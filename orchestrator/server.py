@@ -19,9 +19,10 @@ from typing import Any
 from grpc import aio
 
 from mlx_unified.v1 import orchestrator_pb2 as opb
-from mlx_unified.v1 import orchestrator_pb2_grpc
-from orchestrator import environment, pipeline, templates
+from mlx_unified.v1 import orchestrator_pb2_grpc, registry_pb2_grpc
+from orchestrator import environment, model_refs, pipeline, registry_server, templates
 from orchestrator.backend import GrpcStageBackend
+from orchestrator.model_registry import check_name
 from orchestrator.precheck import check_on_services
 from orchestrator.scheduler import (
     RetryPolicy,
@@ -57,6 +58,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self.scheduler = scheduler
         self.store = scheduler.store
         self.backend = backend
+        self.models = scheduler.models
 
     # ---- pipelines -------------------------------------------------------------------
 
@@ -70,6 +72,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: opb.CreatePipelineFromTemplateRequest, context: aio.ServicerContext
     ) -> opb.CreatePipelineFromTemplateResponse:
         env = self.scheduler.env
+        request = await asyncio.to_thread(model_refs.resolve, self.models, request, "")
         spec = await asyncio.to_thread(
             templates.from_template,
             request.template,
@@ -160,6 +163,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> opb.StartTrainingResponse:
         if not request.HasField("stage"):
             raise InvalidArgument.one("stage", "is required")
+        request = await asyncio.to_thread(model_refs.resolve, self.models, request, "")
         one = pipeline.normalize(opb.PipelineSpec(stages=[request.stage]))
         if request.request_id:
             # Refused before anything is stored: a request_id a run of another pipeline has.
@@ -201,10 +205,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return self.store.pipeline_for_request(request_id) is not None
 
     async def _create(self, spec: opb.PipelineSpec, request_id: str) -> opb.Pipeline:
+        # Registry references become checkpoints before anything else sees the spec.
+        spec = await asyncio.to_thread(model_refs.resolve, self.models, spec, "spec")
         if not request_id or not self._replay(request_id):
             normal = pipeline.normalize(spec)
 
             def validate() -> pipeline.Plan:
+                if normal.register_as:
+                    check_name(normal.register_as, "spec.register_as")
                 plan = pipeline.resolve(normal, self.scheduler.services, self.scheduler.env)
                 check_stages(plan)
                 return plan
@@ -284,6 +292,10 @@ async def register(server: aio.Server, settings: Settings) -> ServiceHandle:
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
         OrchestratorServicer(scheduler, backend), server
     )
+    registry_pb2_grpc.add_ModelRegistryServiceServicer_to_server(
+        registry_server.ModelRegistryServicer(scheduler.models, store, settings.allowed_roots),
+        server,
+    )
 
     async def on_start() -> None:
         resumed = await scheduler.recover()
@@ -299,7 +311,7 @@ async def register(server: aio.Server, settings: Settings) -> ServiceHandle:
         await backend.close()
 
     return ServiceHandle(
-        names=[SERVICE_NAME],
+        names=[SERVICE_NAME, registry_server.SERVICE_NAME],
         on_start=on_start,
         on_stop=on_stop,
         extra={"scheduler": scheduler, "store": store, "backend": backend},

@@ -65,7 +65,7 @@ class Store:
     """Pipelines, runs, stages and attempts; every change and its RunEvent in one transaction."""
 
     def __init__(self, path: str | Path) -> None:
-        self._db = db = Database(path)
+        self.db = self._db = db = Database(path)  # the model registry shares it
         # The queries below use these four; tests and tools read through ``_one`` too.
         self._tx, self._one, self._all, self._append = db.tx, db.one, db.all, db.append
 
@@ -188,8 +188,9 @@ class Store:
         return run_from_rows(row, stages)
 
     def set_run_state(
-        self, run_id: str, to: int, reason: str, *, error: str = "", result=None
+        self, run_id: str, to: int, reason: str, *, error: str = "", result=None, also=None
     ) -> opb.RunEvent:
+        """``also(db)``, when given, writes in the same transaction (register_as)."""
         now = time.time()
         with self._tx() as db:
             frm = _state(db, "SELECT state FROM runs WHERE run_id=?", run_id)
@@ -216,6 +217,8 @@ class Store:
                         db, run_id, name, SS.STAGE_STATE_PENDING, SS.STAGE_STATE_CANCELLED,
                         f"not started: {reason or 'the run was cancelled'}",
                     )  # fmt: skip
+            if also is not None:
+                also(db)
             change = opb.RunStateChange(from_state=frm, to_state=to, reason=reason)
             ev = self._append(db, run_id, opb.RunEvent(run_state_change=change))
         self._db.notify(run_id)

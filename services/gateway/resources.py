@@ -26,6 +26,8 @@ from mlx_unified.v1 import (
 from mlx_unified.v1 import generation_pb2 as gpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
 from mlx_unified.v1 import orchestrator_pb2_grpc as ogrpc
+from mlx_unified.v1 import registry_pb2 as mpb
+from mlx_unified.v1 import registry_pb2_grpc as mgrpc
 from mlx_unified.v1 import rlhf_pb2 as rpb
 from services import registry
 from services.gateway import deps
@@ -43,13 +45,14 @@ STUBS: dict[str, type] = {
 ORCH = ogrpc.OrchestratorServiceStub
 JOBS = common_pb2_grpc.JobServiceStub
 GEN = generation_pb2_grpc.GenerationServiceStub
+MODELS = mgrpc.ModelRegistryServiceStub  # served by the orchestrator process
 # Components for the OpenAPI document, filled as routes are declared (see app.openapi).
 SCHEMAS: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
 class Rpc:
-    verb: str  # "GET": request from the query string; "POST": from the JSON body
+    verb: str  # "GET", "DELETE": request from the query string; "POST": from the JSON body
     path: str
     service: str
     stub: type
@@ -97,6 +100,27 @@ ROUTES: tuple[Rpc, ...] = (
         "Log-probabilities of completions under a model", "generation"),
     Rpc("POST", "/v1/score", "rlhf", rlhf_pb2_grpc.RLHFServiceStub, "Score",
         rpb.ScoreRequest, rpb.ScoreResponse, "Score pairs with a reward model", "generation"),
+    Rpc("POST", "/v1/models", "orchestrator", MODELS, "RegisterModel",
+        mpb.RegisterModelRequest, mpb.RegisterModelResponse,
+        "Register a checkpoint or a run's result as a model's next version", "models"),
+    Rpc("GET", "/v1/models", "orchestrator", MODELS, "ListModels",
+        mpb.ListModelsRequest, mpb.ListModelsResponse, "List registered models", "models"),
+    Rpc("GET", "/v1/models/{name}", "orchestrator", MODELS, "GetModel",
+        mpb.GetModelRequest, mpb.GetModelResponse, "A model's versions and aliases", "models"),
+    Rpc("GET", "/v1/models/{name}/versions/{version}", "orchestrator", MODELS,
+        "GetModelVersion", mpb.GetModelVersionRequest, mpb.GetModelVersionResponse,
+        "One version by number", "models"),
+    Rpc("DELETE", "/v1/models/{name}/versions/{version}", "orchestrator", MODELS,
+        "DeleteModelVersion", mpb.DeleteModelVersionRequest, mpb.DeleteModelVersionResponse,
+        "Delete a version (409 while a live run uses it)", "models"),
+    Rpc("GET", "/v1/models/{name}/aliases/{alias}", "orchestrator", MODELS,
+        "GetModelVersion", mpb.GetModelVersionRequest, mpb.GetModelVersionResponse,
+        "The version an alias points at", "models"),
+    Rpc("POST", "/v1/models/{name}/aliases/{alias}", "orchestrator", MODELS, "SetAlias",
+        mpb.SetAliasRequest, mpb.SetAliasResponse,
+        'Point an alias at a version (body: {"version": N})', "models"),
+    Rpc("DELETE", "/v1/models/{name}/aliases/{alias}", "orchestrator", MODELS, "DeleteAlias",
+        mpb.DeleteAliasRequest, mpb.DeleteAliasResponse, "Remove an alias", "models"),
 )  # fmt: skip
 
 router = APIRouter()
@@ -129,7 +153,7 @@ async def body_json(request: Request) -> dict[str, Any]:
 
 
 async def request_message(request: Request, rpc: Rpc, path: dict[str, str]) -> Message:
-    if rpc.verb == "GET":
+    if rpc.verb in ("GET", "DELETE"):
         q = {k: request.query_params.getlist(k) for k in request.query_params}
         return from_query(q, rpc.request, **path)
     data = await body_json(request)
@@ -164,7 +188,7 @@ def openapi_extra(rpc: Rpc) -> dict[str, Any]:
         for n in names
     ]
     extra: dict[str, Any] = {"parameters": params}
-    if rpc.verb == "GET":
+    if rpc.verb in ("GET", "DELETE"):
         for f in rpc.request.DESCRIPTOR.fields:
             if f.name not in names and f.message_type is None:
                 schema = field_schema(f, SCHEMAS)

@@ -67,6 +67,13 @@ def _weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("*.safetensors") if p.is_file())
 
 
+def weights_sha256(path: Path) -> str:
+    """The checkpoint digest (as a manifest's "sha256") of a directory's weight files, for
+    an mlx-lm directory written without a manifest; empty when it has none."""
+    files = {p.name: _sha256(p) for p in _weight_files(Path(path))}
+    return _digest(files) if files else ""
+
+
 def _fsync_tree(path: Path) -> None:
     for p in path.rglob("*"):
         if p.is_file():

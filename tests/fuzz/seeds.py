@@ -10,6 +10,7 @@ from mlx_unified.v1 import common_pb2 as cpb
 from mlx_unified.v1 import distillation_pb2 as dpb
 from mlx_unified.v1 import generation_pb2 as gpb
 from mlx_unified.v1 import orchestrator_pb2 as opb
+from mlx_unified.v1 import registry_pb2 as mpb
 from mlx_unified.v1 import rlhf_pb2 as rpb
 from mlx_unified.v1 import training_pb2 as tpb
 from tests.fuzz.strategies import Pools
@@ -178,5 +179,30 @@ def for_method(name: str, p: Pools) -> list[Message]:
         "OrchestratorService.CancelRun": [opb.CancelRunRequest(run_id=i) for i in ids],
         "OrchestratorService.ListRuns": [opb.ListRunsRequest(page_size=2)],
         "OrchestratorService.ListPipelines": [opb.ListPipelinesRequest(page_size=2)],
+        **_registry_seeds(p),
     }
     return table.get(name, [])
+
+
+def _registry_seeds(p: Pools) -> dict[str, list[Message]]:
+    n, ids, name = p.named, p.ids, "fuzz-model"
+    ckpt = cpb.Checkpoint(path=n["reward_model"])  # a checkpoint with its manifest
+    return {
+        "ModelRegistryService.RegisterModel": [
+            mpb.RegisterModelRequest(name=name, checkpoint=ckpt),
+            *(mpb.RegisterModelRequest(name=name, run=mpb.RunResultSource(run_id=i)) for i in ids),
+        ],
+        "ModelRegistryService.ListModels": [mpb.ListModelsRequest(page_size=2)],
+        "ModelRegistryService.GetModel": [mpb.GetModelRequest(name=name)],
+        "ModelRegistryService.GetModelVersion": [
+            mpb.GetModelVersionRequest(name=name, version=1),
+            mpb.GetModelVersionRequest(name=name, alias="production"),
+        ],
+        "ModelRegistryService.SetAlias": [
+            mpb.SetAliasRequest(name=name, alias="production", version=1)
+        ],
+        "ModelRegistryService.DeleteAlias": [mpb.DeleteAliasRequest(name=name, alias="production")],
+        "ModelRegistryService.DeleteModelVersion": [
+            mpb.DeleteModelVersionRequest(name=name, version=1)
+        ],
+    }

@@ -39,6 +39,7 @@ from mlx_unified.v1 import (
     distillation_pb2,
     generation_pb2,
     orchestrator_pb2,
+    registry_pb2,
     rlhf_pb2,
     training_pb2,
 )
@@ -76,6 +77,7 @@ SERVICES = [
     ("rlhf", "RLHFService", rlhf_pb2),
     ("distillation", "DistillationService", distillation_pb2),
     ("orchestrator", "OrchestratorService", orchestrator_pb2),
+    ("orchestrator", "ModelRegistryService", registry_pb2),
 ]
 RPCS = [
     (server, svc, m)
@@ -296,7 +298,7 @@ def test_fuzz_rpc(stack: Stack, channels, server: str, svc: str, method) -> None
 def test_every_rpc_is_fuzzed() -> None:
     """A new service or RPC joins the fuzz suite by being in SERVICES."""
     names = {f"{s}.{m.name}" for _, s, m in RPCS}
-    assert len(names) == 27, sorted(names)
+    assert len(names) == 34, sorted(names)
     assert {"OrchestratorService.CreatePipelineFromTemplate", "RLHFService.StartKTO"} <= names
     pools = Pools(named=defaultdict(str), ids=["job-x"])
     unseeded = {n for n in names if not seeds.for_method(n, pools)}

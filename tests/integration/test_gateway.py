@@ -365,3 +365,33 @@ def test_generate_as_json_and_as_sse(http: httpx.Client, tiny_model: Path) -> No
     assert [t for _, _, c in chunks[:-1] for t in c["token_ids"]] == out["token_ids"]  # greedy
     r = http.post("/v1/generate?stream=true", json={**body, "model": {"model": "/nope"}})
     assert r.status_code == 400, r.text  # refused before the stream starts
+
+
+def test_model_registry_over_http(http: httpx.Client, finished_run: dict) -> None:
+    # The three-stage run, registered: its lineage names every stage that made it.
+    body = {"name": "aligned", "run": {"run_id": finished_run["run_id"]}}
+    r = http.post("/v1/models", json=body)
+    assert r.status_code == 200, r.text
+    v = r.json()["version"]
+    assert v["version"] == 1 and v["checkpoint"]["path"] == finished_run["status"]["result"]
+    stages = finished_run["status"]["stages"]
+    assert [(s["stage"], s["job_id"]) for s in v["lineage"]["stages"]] == [
+        (s["name"], s["job_id"]) for s in stages
+    ]
+    r = http.post("/v1/models/aligned/aliases/production", json={"version": 1})
+    assert r.status_code == 200 and r.json()["version"]["aliases"] == ["production"], r.text
+    got = http.get("/v1/models/aligned/aliases/production").json()["version"]
+    assert got["version"] == 1
+    assert http.get("/v1/models/aligned/versions/1").json()["version"]["lineage"]["run_id"]
+    model = http.get("/v1/models/aligned").json()["model"]
+    assert model["aliases"] == {"production": 1} and len(model["versions"]) == 1
+    assert "aligned" in [m["name"] for m in http.get("/v1/models").json()["models"]]
+    assert http.get("/v1/models/aligned/versions/9").status_code == 404
+    r = http.post("/v1/models", json={"name": "tiny-llama", "run": {"run_id": "x"}})
+    assert r.status_code == 400 and r.json()["error"]["violations"][0]["field"] == "name"
+    assert http.delete("/v1/models/aligned/aliases/production").status_code == 200
+    assert http.delete("/v1/models/aligned/versions/1").status_code == 200
+    assert http.get("/v1/models/aligned").json()["model"]["versions"] == []
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/models", "/v1/models/{name}/versions/{version}"} <= set(paths)
+    assert "delete" in paths["/v1/models/{name}/aliases/{alias}"]

@@ -107,7 +107,7 @@ class Stage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[StageKind, str]] = ..., sft: _Optional[_Union[_training_pb2.SFTSpec, _Mapping]] = ..., distill: _Optional[_Union[_distillation_pb2.DistillationSpec, _Mapping]] = ..., reward_model: _Optional[_Union[_rlhf_pb2.RewardModelSpec, _Mapping]] = ..., dpo: _Optional[_Union[_rlhf_pb2.DPOSpec, _Mapping]] = ..., ppo: _Optional[_Union[_rlhf_pb2.PPOSpec, _Mapping]] = ..., grpo: _Optional[_Union[_rlhf_pb2.GRPOSpec, _Mapping]] = ..., export: _Optional[_Union[_training_pb2.ExportSpec, _Mapping]] = ..., kto: _Optional[_Union[_rlhf_pb2.KTOSpec, _Mapping]] = ..., orpo: _Optional[_Union[_rlhf_pb2.ORPOSpec, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[Binding, _Mapping]]] = ...) -> None: ...
 
 class PipelineSpec(_message.Message):
-    __slots__ = ("name", "base_model", "dataset", "datasets", "stages", "auto_configure", "cache", "labels")
+    __slots__ = ("name", "base_model", "dataset", "datasets", "stages", "auto_configure", "cache", "labels", "register_as")
     class DatasetsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class PipelineSpec(_message.Message):
     AUTO_CONFIGURE_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_AS_FIELD_NUMBER: _ClassVar[int]
     name: str
     base_model: _common_pb2.ModelRef
     dataset: _common_pb2.DatasetRef
@@ -138,7 +139,8 @@ class PipelineSpec(_message.Message):
     auto_configure: bool
     cache: bool
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., datasets: _Optional[_Mapping[str, _common_pb2.DatasetRef]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., auto_configure: _Optional[bool] = ..., cache: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    register_as: str
+    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., dataset: _Optional[_Union[_common_pb2.DatasetRef, _Mapping]] = ..., datasets: _Optional[_Mapping[str, _common_pb2.DatasetRef]] = ..., stages: _Optional[_Iterable[_Union[Stage, _Mapping]]] = ..., auto_configure: _Optional[bool] = ..., cache: _Optional[bool] = ..., labels: _Optional[_Mapping[str, str]] = ..., register_as: _Optional[str] = ...) -> None: ...
 
 class Pipeline(_message.Message):
     __slots__ = ("pipeline_id", "spec", "resolved", "create_time")
