@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from clients import config, progress
+from clients import config, progress, progress_runs
 from clients.cli_common import _pairs, _table, _when, eprint, make_client, to_json
 from clients.client import ClientError, MLXUClient
 from mlx_unified.v1 import orchestrator_pb2
@@ -21,7 +21,7 @@ from mlx_unified.v1 import orchestrator_pb2
 
 def follow_run(client: MLXUClient, run_id: str, args: argparse.Namespace) -> int:
     run = client.get_run(run_id)
-    display = progress.RunProgress(run, sys.stderr)
+    display = progress_runs.RunProgress(run, sys.stderr)
 
     def on_retry(err: ClientError, delay: float) -> None:
         display.message(f"connection lost ({err.code.name}); reconnecting in {delay:.1f}s")
@@ -66,7 +66,7 @@ def _run_lines(run: orchestrator_pb2.Run) -> list[str]:
         f"created:  {_when(run.create_time)}",
     ]
     w = max([len(s.name) for s in run.stages] + [5])
-    lines += ["  " + progress.stage_line(s, name_width=w) for s in run.stages]
+    lines += ["  " + progress_runs.stage_line(s, name_width=w) for s in run.stages]
     if run.result.path:
         lines.append(f"result:   {progress.checkpoint_text(run.result)}")
     if run.error:

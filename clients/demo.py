@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from clients.client import MLXUClient, health_status
-from clients.progress import JobProgress, RunProgress
+from clients.progress import JobProgress
+from clients.progress_runs import RunProgress
 from mlx_unified.v1 import common_pb2, orchestrator_pb2, training_pb2
 
 REPO = Path(__file__).resolve().parent.parent

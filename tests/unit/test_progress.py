@@ -7,6 +7,7 @@ import io
 import pytest
 
 from clients import progress as p
+from clients import progress_runs as pr
 from mlx_unified.v1 import common_pb2 as c
 from mlx_unified.v1 import orchestrator_pb2 as o
 
@@ -171,13 +172,13 @@ def make_run() -> o.Run:
 
 def test_stage_lines() -> None:
     run = make_run()
-    assert p.stage_line(run.stages[0], name_width=5) == "sft   sft          SUCCEEDED  /ck/sft"
-    assert p.stage_line(run.stages[1], name_width=5, ascii_only=True) == (
+    assert pr.stage_line(run.stages[0], name_width=5) == "sft   sft          SUCCEEDED  /ck/sft"
+    assert pr.stage_line(run.stages[1], name_width=5, ascii_only=True) == (
         "dpo   dpo          RUNNING    step 5/10 ##########----------  50%"
     )
     skipped = o.StageRun(name="rm", kind=o.STAGE_KIND_REWARD_MODEL, state=o.STAGE_STATE_SKIPPED)
     skipped.cached_from = "run-0/rm"
-    assert p.stage_line(skipped, name_width=2).endswith("SKIPPED    cached from run-0/rm")
+    assert pr.stage_line(skipped, name_width=2).endswith("SKIPPED    cached from run-0/rm")
 
 
 def test_apply_run_event_and_lines() -> None:
@@ -187,23 +188,23 @@ def test_apply_run_event_and_lines() -> None:
         seq=9,
         job_event=o.StageJobEvent(stage="dpo", event=ev(4, progress=c.Progress(step=8))),
     )
-    assert p.apply_run_event(run, job_ev).stages[1].job.step == 8
+    assert pr.apply_run_event(run, job_ev).stages[1].job.step == 8
     assert run.stages[1].job.step == 5
     fail = o.RunEvent(
         stage_state_change=o.StageStateChange(stage="dpo", from_state=2, to_state=4, reason="nan")
     )
-    after = p.apply_run_event(run, fail)
+    after = pr.apply_run_event(run, fail)
     assert (after.stages[1].state, after.stages[1].error) == (o.STAGE_STATE_FAILED, "nan")
-    assert p.run_event_line(fail) == "[dpo] RUNNING -> FAILED: nan"
-    assert p.run_event_line(job_ev) == "[dpo] step 8"
+    assert pr.run_event_line(fail) == "[dpo] RUNNING -> FAILED: nan"
+    assert pr.run_event_line(job_ev) == "[dpo] step 8"
     done = o.RunEvent(run_state_change=o.RunStateChange(from_state=2, to_state=3))
-    assert p.apply_run_event(run, done).state == o.RUN_STATE_SUCCEEDED
-    assert p.run_event_line(done) == "run RUNNING -> SUCCEEDED"
+    assert pr.apply_run_event(run, done).state == o.RUN_STATE_SUCCEEDED
+    assert pr.run_event_line(done) == "run RUNNING -> SUCCEEDED"
 
 
 def test_run_progress_tty_redraws_stage_block() -> None:
     out = io.StringIO()
-    shown = p.RunProgress(make_run(), out, tty=True)
+    shown = pr.RunProgress(make_run(), out, tty=True)
     start = o.StageStateChange(stage="dpo", from_state=1, to_state=2, job_id="j2")
     shown.update(o.RunEvent(stage_state_change=start))
     tick = o.RunEvent(
@@ -222,7 +223,7 @@ def test_run_progress_tty_redraws_stage_block() -> None:
 
 def test_run_progress_plain_and_summary() -> None:
     out = io.StringIO()
-    shown = p.RunProgress(make_run(), out, tty=False)
+    shown = pr.RunProgress(make_run(), out, tty=False)
     shown.update(
         o.RunEvent(
             stage_state_change=o.StageStateChange(
@@ -378,20 +379,20 @@ def test_run_stream_prints_each_transition_once() -> None:
         return o.RunEvent(job_event=o.StageJobEvent(stage="dpo", event=e))
 
     # The stage's own transitions say when its job was created, started and ended.
-    assert [p.run_event_line(job_ev(e), run) for e in (created, started, done)] == [None] * 3
-    assert p.run_event_line(job_ev(requeued), run) == "[dpo] state RUNNING -> PENDING: crashed"
+    assert [pr.run_event_line(job_ev(e), run) for e in (created, started, done)] == [None] * 3
+    assert pr.run_event_line(job_ev(requeued), run) == "[dpo] state RUNNING -> PENDING: crashed"
     first = o.RunEvent(run_state_change=o.RunStateChange(to_state=1, reason="created"))
-    assert p.run_event_line(first) == "run PENDING: created"
+    assert pr.run_event_line(first) == "run PENDING: created"
     export = o.StageRun(name="export", kind=o.STAGE_KIND_EXPORT)
     run.stages.append(export)
     cp = o.StageJobEvent(stage="export", event=ev(5, checkpoint=c.Checkpoint(path="/ck/q4")))
-    assert p.run_event_line(o.RunEvent(job_event=cp), run) == "[export] exported model: /ck/q4"
+    assert pr.run_event_line(o.RunEvent(job_event=cp), run) == "[export] exported model: /ck/q4"
 
 
 def test_run_replay_starts_from_the_stages_not_the_final_run() -> None:
     final = make_run()
     final.state = o.RUN_STATE_SUCCEEDED
-    shown = p.RunProgress(final, io.StringIO(), tty=False)
+    shown = pr.RunProgress(final, io.StringIO(), tty=False)
     assert [s.state for s in shown.run.stages] == [o.STAGE_STATE_PENDING] * 2
     assert not shown.run.stages[1].job.step and shown.run.state == o.RUN_STATE_PENDING
 
