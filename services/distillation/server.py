@@ -9,7 +9,7 @@ from grpc import aio
 from mlx_unified.v1 import common_pb2, common_pb2_grpc, distillation_pb2, distillation_pb2_grpc
 from services import registry
 from services.runtime import specs
-from services.runtime.errors import InvalidArgument
+from services.runtime.errors import InvalidArgument, Violations
 from services.runtime.refs import resolve_dataset, resolve_model_ref
 from services.runtime.rpc.jobs_servicer import JobServicer, JobsHost
 from services.runtime.rpc.server import ServiceHandle
@@ -31,20 +31,27 @@ def check_spec(spec: distillation_pb2.DistillationSpec, prefix: str = "spec") ->
 
 def distill_config(spec: distillation_pb2.DistillationSpec, settings: Settings) -> dict[str, Any]:
     """Validate a DistillationSpec (every field, every file it names) into the trainer config."""
-    from services.distillation.validate import validate
+    from services.distillation.validate import parse, validate
 
     config = specs.to_dict(spec)
+    v = Violations()  # every problem at once: the references', then the fields' and files'
     if spec.student.model:
-        config["student"] = resolve_model_ref(spec.student, settings, "spec.student")
+        student = v.attempt(resolve_model_ref, spec.student, settings, "spec.student")
+        if student is not None:
+            config["student"] = student
     for i, teacher in enumerate(spec.teachers):
         if teacher.endpoint:
-            raise InvalidArgument.one(
-                f"spec.teachers[{i}].endpoint", "remote teachers are not supported yet"
-            )
-        config["teachers"][i]["model"] = resolve_model_ref(
-            teacher.model, settings, f"spec.teachers[{i}].model"
-        )
-    config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", FORMATS)
+            continue  # the schema refuses it, named spec.teachers[i].endpoint
+        where = f"spec.teachers[{i}].model"
+        ref = v.attempt(resolve_model_ref, teacher.model, settings, where)
+        if ref is not None:
+            config["teachers"][i]["model"] = ref
+    dataset = v.attempt(resolve_dataset, spec.dataset, settings, "spec.dataset", FORMATS)
+    if dataset is not None:
+        config["dataset"] = dataset
+    if v.items:  # a reference did not resolve: the fields still, no files
+        v.attempt(parse, config)
+        v.raise_if_any()
     validate(config)  # the one validation: every field, then every file it names
     return config
 

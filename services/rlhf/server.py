@@ -58,37 +58,39 @@ def rlhf_config(spec: Any, settings: Settings) -> dict[str, Any]:
     method = registry.by_spec(spec)
     model = method.model_field
     config = specs.to_dict(spec)
-    config[model] = resolve_model_ref(getattr(spec, model), settings, f"spec.{model}")
+    found = Violations()  # every problem at once: the references', the fields', the rows'
+    policy = found.attempt(resolve_model_ref, getattr(spec, model), settings, f"spec.{model}")
+    if policy is not None:
+        config[model] = policy
     if method.has_reference:
         # The reference is explicit in the resolved config: the given one, else the policy's
         # starting checkpoint (base + its adapter), never silently the bare base model.
-        config["reference"] = (
-            resolve_model_ref(spec.reference, settings, "spec.reference")
-            if spec.reference.model
-            else dict(config[model])
-        )
+        if spec.reference.model:
+            ref = found.attempt(resolve_model_ref, spec.reference, settings, "spec.reference")
+        else:
+            ref = dict(config.get(model) or {})
+        if ref is not None:
+            config["reference"] = ref
     if method.rollouts and spec.reward.reward_model.model:
         # A reward checkpoint (adapter or full dir + value head), not a plain model.
-        path = _reward_checkpoint(
-            spec.reward.reward_model.model, settings, "spec.reward.reward_model.model"
-        )
-        config["reward"]["reward_model"] = {"model": path, "adapter_path": ""}
+        field = "spec.reward.reward_model.model"
+        path = found.attempt(_reward_checkpoint, spec.reward.reward_model.model, settings, field)
+        if path is not None:
+            config["reward"]["reward_model"] = {"model": path, "adapter_path": ""}
     counts: dict[str, int] = {}
-    config["dataset"] = resolve_dataset(
-        spec.dataset, settings, "spec.dataset", method.formats, counts
+    dataset = found.attempt(
+        resolve_dataset, spec.dataset, settings, "spec.dataset", method.formats, counts
     )
-    found = Violations()
-    if method.rollouts:
+    if dataset is not None:
+        config["dataset"] = dataset
+    if method.rollouts and "rows" in counts:
         found.check(
             spec.rollout.batch_size <= counts["rows"],
             "spec.rollout.batch_size",
             f"{spec.rollout.batch_size} is larger than the dataset ({counts['rows']} prompts)",
         )
-    built = None
-    try:
-        built = validate.check(method.name, config)
-    except InvalidArgument as e:
-        found.items.extend(e.violations)
+    # Rows are read only from a dataset that resolved.
+    built = found.attempt(validate.check, method.name, config, rows=dataset is not None)
     found.raise_if_any()
     return built.to_dict()
 

@@ -4,6 +4,7 @@ nothing below the servicers imports grpc."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,16 @@ class Violations:
         if not ok:
             self.add(field_name, description)
         return ok
+
+    def attempt(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, or None with its InvalidArgument's violations kept here:
+        one bad reference does not hide the request's other problems."""
+        try:
+            return fn(*args, **kwargs)
+        except InvalidArgument as e:
+            for v in e.violations:
+                self.add(v.field, v.description)
+            return None
 
     def raise_if_any(self) -> None:
         if self.items:

@@ -41,9 +41,13 @@ def sft_config(spec: training_pb2.SFTSpec, settings: Settings) -> dict[str, Any]
     trainer's resolved config (every default filled)."""
     _check_sft_shape(spec, "spec")
     config = specs.to_dict(spec)
-    config["model"] = resolve_model_ref(spec.model, settings, "spec.model")
-    config["dataset"] = resolve_dataset(spec.dataset, settings, "spec.dataset", SFT_FORMATS)
-    return SFTConfig.from_dict(config, prefix="spec").to_dict()
+    v = Violations()  # every problem at once: the references' and the fields'
+    model = v.attempt(resolve_model_ref, spec.model, settings, "spec.model")
+    dataset = v.attempt(resolve_dataset, spec.dataset, settings, "spec.dataset", SFT_FORMATS)
+    config.update({k: x for k, x in (("model", model), ("dataset", dataset)) if x is not None})
+    built = v.attempt(SFTConfig.from_dict, config, prefix="spec")
+    v.raise_if_any()
+    return built.to_dict()
 
 
 def _export_dict(spec: training_pb2.ExportSpec) -> dict[str, Any]:
@@ -59,5 +63,10 @@ def check_export(spec: training_pb2.ExportSpec, prefix: str = "spec") -> None:
 
 def export_config(spec: training_pb2.ExportSpec, settings: Settings) -> dict[str, Any]:
     config = _export_dict(spec)
-    config["model"] = resolve_model_ref(spec.model, settings, "spec.model")
-    return ExportConfig.from_dict(config, prefix="spec").to_dict()
+    v = Violations()
+    model = v.attempt(resolve_model_ref, spec.model, settings, "spec.model")
+    if model is not None:
+        config["model"] = model
+    built = v.attempt(ExportConfig.from_dict, config, prefix="spec")
+    v.raise_if_any()
+    return built.to_dict()

@@ -135,7 +135,9 @@ def test_validate_only_checks_everything_and_creates_nothing(training, tiny_mode
             timeout=60,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Both problems in one answer: a reference that does not resolve hides no field's.
     assert "spec.dataset.path" in err.value.details()
+    assert "spec.loop.batch_size" in err.value.details()
     assert list(stubs.jobs.ListJobs(common_pb2.ListJobsRequest()).jobs) == []
 
 
