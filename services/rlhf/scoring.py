@@ -19,10 +19,7 @@ from typing import Any
 from services.rlhf.trainers import heads
 from services.rlhf.trainers.rewards import RewardModelScorer, render, score_tokens
 from services.runtime.errors import InvalidArgument
-
-
-class Stopped(Exception):
-    """Scoring stopped between batches: the caller's deadline passed or it went away."""
+from services.runtime.generation import Stopped  # the same signal as Generate's
 
 
 class ScorerCache:

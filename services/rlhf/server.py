@@ -115,7 +115,7 @@ class RLHFServicer(rlhf_pb2_grpc.RLHFServiceServicer):
         MLXU_GENERATE_MAX_SECONDS), admission by the generation queue's limits."""
         from services.rlhf import scoring
         from services.rlhf.validate import check_score
-        from services.runtime.rpc.generation_servicer import _Call
+        from services.runtime.rpc.generation_servicer import CallBudget
 
         if not request.items:
             raise InvalidArgument.one("items", "must not be empty")
@@ -128,7 +128,7 @@ class RLHFServicer(rlhf_pb2_grpc.RLHFServiceServicer):
         )
         check_score({"model": path})
         items = [(i.prompt, i.completion) for i in request.items]
-        call = _Call(context, float(limits.generate_max_seconds))
+        call = CallBudget(context, float(limits.generate_max_seconds))
         await self.admission.acquire()
 
         def work() -> list[float]:
@@ -146,9 +146,7 @@ class RLHFServicer(rlhf_pb2_grpc.RLHFServiceServicer):
         try:
             scores = await asyncio.to_thread(work)
         except scoring.Stopped as exc:
-            from services.runtime import generation
-
-            raise call.stopped(generation.Stopped(str(exc))) from None
+            raise call.stopped(exc) from None
         return rlhf_pb2.ScoreResponse(scores=scores)
 
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from services.runtime.errors import InvalidArgument, Violation, Violations
 
-__all__ = ["DictConfig", "Rule", "rule_of", "setting", "sub", "zero_default"]
+__all__ = ["DictConfig", "Rule", "field_path", "rule_of", "setting", "sub", "zero_default"]
 
 T = TypeVar("T", bound="DictConfig")
 
@@ -121,7 +121,8 @@ def _is_zero(v: Any) -> bool:
     return v in (0, "") or (isinstance(v, list | tuple | dict) and not v)
 
 
-def _name(prefix: str, name: str) -> str:
+def field_path(prefix: str, name: str) -> str:
+    """ "spec.loop" + "batch_size" -> "spec.loop.batch_size" ("" prefix: just the name)."""
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -222,7 +223,7 @@ class DictConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         known = ", ".join(sorted(fields))
         for key in sorted(set(data) - set(fields)):
-            found.append(Violation(_name(prefix, key), f"unknown field (known: {known})"))
+            found.append(Violation(field_path(prefix, key), f"unknown field (known: {known})"))
         kwargs: dict[str, Any] = {}
         for name, f in fields.items():
             if name not in data or data[name] is None:
@@ -231,7 +232,9 @@ class DictConfig:
             if f.metadata.get("zero") and _is_zero(value):
                 continue
             try:
-                kwargs[name] = _coerce(value, hints[name], _name(prefix, name), validate, found)
+                kwargs[name] = _coerce(
+                    value, hints[name], field_path(prefix, name), validate, found
+                )
             except InvalidArgument as e:  # a wrong type: the field keeps its default
                 found.extend(e.violations)
         obj = cls(**kwargs).resolve()
@@ -255,9 +258,9 @@ class DictConfig:
             if isinstance(value, tuple) and not rule.choices:
                 bad = [x for x in value if not rule.ok(x)]
                 if bad:
-                    v.add(_name(prefix, f.name), f"{bad[0]!r}: {rule.describe()}")
+                    v.add(field_path(prefix, f.name), f"{bad[0]!r}: {rule.describe()}")
             elif not rule.ok(value):
-                v.add(_name(prefix, f.name), rule.describe())
+                v.add(field_path(prefix, f.name), rule.describe())
         self.check(v, prefix)
 
     def check(self, v: Violations, prefix: str) -> None:

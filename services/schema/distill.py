@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from services.runtime.errors import Violations
-from services.schema.base import DictConfig, setting, sub
+from services.schema.base import DictConfig, field_path, setting, sub
 from services.schema.common import (
     FINETUNE_METHODS,
     DatasetSettings,
@@ -47,10 +47,6 @@ def _enum(raw: str, prefix: str, default: str) -> str:
     return default if s in ("", "unspecified") else s
 
 
-def _f(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
 @dataclass(frozen=True)
 class TeacherSettings(DictConfig):
     """Mirrors Teacher."""
@@ -62,10 +58,10 @@ class TeacherSettings(DictConfig):
     endpoint: str = setting("", doc="remote teachers: not supported yet")
 
     def check(self, v: Violations, prefix: str) -> None:
-        v.check(bool(self.model.model), _f(prefix, "model.model"), "is required")
+        v.check(bool(self.model.model), field_path(prefix, "model.model"), "is required")
         v.check(
             not self.endpoint,
-            _f(prefix, "endpoint"),
+            field_path(prefix, "endpoint"),
             "remote teachers are not supported yet; give a local model",
         )
 
@@ -89,7 +85,7 @@ class TemperatureSettings(DictConfig):
             low = self.min or min(1.0, high)
             v.check(
                 low <= high,
-                _f(prefix, "min"),
+                field_path(prefix, "min"),
                 f"must be <= the upper bound spec.temperature.final ({high})",
             )
 
@@ -152,7 +148,7 @@ class StudentInitSettings(DictConfig):
         )
         v.check(
             len(set(self.keep_teacher_layers)) == len(self.keep_teacher_layers),
-            _f(prefix, "keep_teacher_layers"),
+            field_path(prefix, "keep_teacher_layers"),
             "has duplicates",
         )
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from services import registry
 from services.runtime.errors import Violations
-from services.schema.base import DictConfig, setting, sub
+from services.schema.base import DictConfig, field_path, setting, sub
 from services.schema.common import (
     FINETUNE_METHODS,
     DatasetSettings,
@@ -36,10 +36,6 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
 KTO_FORMATS = ("unpaired_preference", "preference")
 _PAIRS = "preference rows (prompt, chosen, rejected)"
-
-
-def _f(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 @dataclass(frozen=True)
@@ -88,7 +84,7 @@ class RewardModelConfig(_Trained):
     TITLE = "a reward model"
 
     def check(self, v: Violations, prefix: str) -> None:
-        v.check(bool(self.model.model), _f(prefix, "model.model"), "is required")
+        v.check(bool(self.model.model), field_path(prefix, "model.model"), "is required")
         super().check(v, prefix)
 
 
@@ -109,7 +105,7 @@ class _Referenced(_Trained):
         return dataclasses.replace(super().resolve(), reference=ref, precompute_reference=pre)
 
     def check(self, v: Violations, prefix: str) -> None:
-        v.check(bool(self.policy.model), _f(prefix, "policy.model"), "is required")
+        v.check(bool(self.policy.model), field_path(prefix, "policy.model"), "is required")
         super().check(v, prefix)
 
 
@@ -132,7 +128,8 @@ class DPOConfig(_Referenced):
         if self.label_smoothing > 0 and self.loss != "robust":
             # TRL 1.16's sigmoid loss ignores label_smoothing (it no longer is cDPO).
             v.add(
-                _f(prefix, "label_smoothing"), f"applies to the robust loss only, not {self.loss}"
+                field_path(prefix, "label_smoothing"),
+                f"applies to the robust loss only, not {self.loss}",
             )
 
 
@@ -158,7 +155,7 @@ class KTOConfig(_Referenced):
         if self.loss_type == "kto" and self.loop.micro_batch_size < 2:
             # As TRL: with one row its own completion is its "mismatched" one, z = r.
             v.add(
-                _f(prefix, "loop.batch_size"),
+                field_path(prefix, "loop.batch_size"),
                 "the KL estimate needs >= 2 rows per micro-batch "
                 "(batch_size / grad_accumulation_steps)",
             )
@@ -175,5 +172,5 @@ class ORPOConfig(_Trained):
     TITLE = "ORPO"
 
     def check(self, v: Violations, prefix: str) -> None:
-        v.check(bool(self.policy.model), _f(prefix, "policy.model"), "is required")
+        v.check(bool(self.policy.model), field_path(prefix, "policy.model"), "is required")
         super().check(v, prefix)

@@ -9,7 +9,8 @@ Built-in functions (``RewardSource.reward_function``):
 
 A reward checkpoint (base or adapter + ``value_head.safetensors``, see heads.py) scores the
 (prompt, completion) pair rendered exactly as the reward model saw its preference rows. The
-same scorer backs the Score RPC (``score_pairs``).
+Score RPC uses the same scorer through services.rlhf.scoring, which keeps it loaded between
+calls; ``score_pairs`` loads it for one call.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ class Admission:
             loop.call_soon_threadsafe(self._release)
 
 
-class _Call:
+class CallBudget:
     """When one call must stop: its deadline (capped), its client's cancel."""
 
     def __init__(self, context: aio.ServicerContext, cap_s: float) -> None:
@@ -202,7 +202,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     raise InvalidArgument.one(f"chat.messages[{i}].role", "is required")
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
         path, adapter = await self._model(request.model, "model.model")
-        call = _Call(context, float(self.limits.generate_max_seconds))
+        call = CallBudget(context, float(self.limits.generate_max_seconds))
         await self.admission.acquire()
         it = generation.generate(
             self.cache,
@@ -237,7 +237,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise InvalidArgument.one("items", "must not be empty")
         path, adapter = await self._model(request.model, "model.model")
         items = [(i.prompt, i.completion) for i in request.items]
-        call = _Call(context, float(self.limits.generate_max_seconds))
+        call = CallBudget(context, float(self.limits.generate_max_seconds))
         await self.admission.acquire()
 
         def work() -> list[list[float]]:
