@@ -27,6 +27,8 @@ __all__ = [
     "ModelSettings",
     "OptimizerSettings",
     "QuantizationSettings",
+    "REMOTE_KINDS",
+    "RemoteSettings",
     "ResourcesSettings",
     "default_dtype",
     "default_lr",
@@ -37,6 +39,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 FINETUNE_METHODS = ("full", "lora", "dora", "qlora")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "muon")
 SCHEDULES = ("constant", "cosine", "linear")
+REMOTE_KINDS = ("grpc", "openai")
 # The one bound on a learning rate (0 in a request = the method's default).
 MAX_LEARNING_RATE = 1.0
 
@@ -226,3 +229,59 @@ class QuantizationSettings(DictConfig):
 
     bits: int = setting(4, zero=True, choices=(2, 3, 4, 5, 6, 8), doc="4 or 8 (2-6 work)")
     group_size: int = setting(64, zero=True, choices=(32, 64, 128))
+
+
+@dataclass(frozen=True)
+class RemoteSettings(DictConfig):
+    """Mirrors RemoteBackend: a teacher or rollout server in another process."""
+
+    kind: str = setting("", choices=("", *REMOTE_KINDS), doc='"grpc" or "openai" ("" = grpc)')
+    address: str = setting("", doc="grpc host:port, or the openai base URL (http[s]://…/v1)")
+    model: str = setting("", doc="the model the server is asked for")
+    api_key_env: str = setting("", doc="env var of the trainer's service holding the key")
+    tls: bool = setting(False, doc="TLS on grpc (https URLs always use it)")
+    tls_ca: str = setting("", doc="CA bundle (PEM) verifying the server; implies TLS")
+    timeout_seconds: float = setting(60.0, zero=True, gt=0, le=3600, doc="one call")
+    retry_deadline_seconds: float = setting(
+        120.0, zero=True, gt=0, le=86400, doc="keep retrying an unreachable server this long"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    @classmethod
+    def from_endpoint(cls, endpoint: str, remote: RemoteSettings) -> RemoteSettings:
+        """The backend a section names: ``remote``, or the ``endpoint`` shorthand (grpc)."""
+        if endpoint and not remote.address:
+            return dataclasses.replace(remote, kind="grpc", address=endpoint)
+        return remote
+
+    def resolve(self) -> RemoteSettings:
+        if self.address and not self.kind:
+            return dataclasses.replace(self, kind="grpc")
+        return self
+
+    def check(self, v: Violations, prefix: str) -> None:
+        p = f"{prefix}." if prefix else ""
+        if not self.address:
+            v.check(not self.kind, f"{p}address", "is required when kind is set")
+            return
+        if (self.kind or "grpc") == "openai":
+            v.check(
+                self.address.startswith(("http://", "https://")),
+                f"{p}address",
+                'must be the API\'s base URL, e.g. "http://127.0.0.1:8080/v1"',
+            )
+        else:
+            host, _, port = self.address.rpartition(":")
+            v.check(
+                bool(host) and port.isdigit() and 0 < int(port) < 65536,
+                f"{p}address",
+                'must be host:port, e.g. "127.0.0.1:50061"',
+            )
+        v.check(
+            not self.api_key_env or self.api_key_env.replace("_", "").isalnum(),
+            f"{p}api_key_env",
+            "must be an environment variable name (letters, digits, '_')",
+        )

@@ -19,6 +19,7 @@ from services.schema.common import (
     LoraSettings,
     ModelSettings,
     OptimizerSettings,
+    RemoteSettings,
     ResourcesSettings,
     method_name,
 )
@@ -55,14 +56,29 @@ class TeacherSettings(DictConfig):
     weight: float = setting(1.0, zero=True, ge=0, doc="mixture weight (normalised)")
     route_value: str = setting("", doc="rows whose route_field equals this go to it")
     quantize_bits: int = setting(0, choices=(0, 4, 8), doc="quantize the teacher on load")
-    endpoint: str = setting("", doc="remote teachers: not supported yet")
+    endpoint: str = setting("", doc='shorthand for remote {kind: "grpc", address: …}')
+    remote: RemoteSettings = sub(RemoteSettings)
+
+    @property
+    def backend(self) -> RemoteSettings:
+        """Where the teacher runs: ``remote`` (``enabled``) or here."""
+        return RemoteSettings.from_endpoint(self.endpoint, self.remote).resolve()
 
     def check(self, v: Violations, prefix: str) -> None:
-        v.check(bool(self.model.model), field_path(prefix, "model.model"), "is required")
         v.check(
-            not self.endpoint,
+            not (self.endpoint and self.remote.address),
             field_path(prefix, "endpoint"),
-            "remote teachers are not supported yet; give a local model",
+            "give endpoint or remote.address, not both",
+        )
+        if self.endpoint:
+            self.backend.check(v, field_path(prefix, "endpoint"))
+        if not self.backend.enabled:
+            v.check(bool(self.model.model), field_path(prefix, "model.model"), "is required")
+            return
+        v.check(
+            False,
+            field_path(prefix, "remote"),
+            "remote teachers are not supported by the trainer yet; give a local model",
         )
 
 

@@ -8,8 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.errors import Violations
-from services.schema.base import DictConfig, setting, sub
-from services.schema.common import DatasetSettings, ModelSettings, ResourcesSettings
+from services.schema.base import DictConfig, field_path, setting, sub
+from services.schema.common import (
+    DatasetSettings,
+    ModelSettings,
+    RemoteSettings,
+    ResourcesSettings,
+)
 from services.schema.preference import _Trained
 
 __all__ = [
@@ -85,14 +90,27 @@ class RolloutSettings(DictConfig):
 
     batch_size: int = setting(8, zero=True, ge=1, le=4096, doc="prompts per rollout batch")
     sampling: RolloutSampling = dataclasses.field(default_factory=RolloutSampling)
-    endpoint: str = setting("", doc="remote generation (not supported yet: leave empty)")
+    endpoint: str = setting("", doc='shorthand for remote {kind: "grpc", address: …}')
+    remote: RemoteSettings = sub(RemoteSettings)
+
+    @property
+    def backend(self) -> RemoteSettings:
+        """Where rollouts are sampled: ``remote`` (``enabled``) or here."""
+        return RemoteSettings.from_endpoint(self.endpoint, self.remote).resolve()
 
     def check(self, v: Violations, prefix: str) -> None:
         v.check(
-            not self.endpoint,
-            f"{prefix}.endpoint" if prefix else "endpoint",
-            "remote generation endpoints are not supported by the trainers yet; leave it "
-            "empty for local batched generation",
+            not (self.endpoint and self.remote.address),
+            field_path(prefix, "endpoint"),
+            "give endpoint or remote.address, not both",
+        )
+        if self.endpoint:
+            self.backend.check(v, field_path(prefix, "endpoint"))
+        v.check(
+            not self.backend.enabled,
+            field_path(prefix, "remote"),
+            "remote rollouts are not supported by the trainers yet; leave it empty for "
+            "local batched generation",
         )
 
 

@@ -208,7 +208,7 @@ def test_validation_of_fields(tmp_path, tiny_model, prefs, prompts):
             "ppo",
             {**ppo, "reward": {"reward_function": "length"}, "rollout": {"endpoint": "h:1"}},
         )
-    assert "spec.rollout.endpoint" in _fields(e)
+    assert "spec.rollout.remote" in _fields(e)
     validate.check("ppo", {**ppo, "reward": {"reward_function": "token_count:!"}})
     with pytest.raises(InvalidArgument):
         validate.check_score({"model": str(tiny_model)})

@@ -121,6 +121,26 @@ class ModelRef(_message.Message):
     adapter_path: str
     def __init__(self, model: _Optional[str] = ..., adapter_path: _Optional[str] = ...) -> None: ...
 
+class RemoteBackend(_message.Message):
+    __slots__ = ("kind", "address", "model", "api_key_env", "tls", "tls_ca", "timeout_seconds", "retry_deadline_seconds")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    TLS_CA_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    address: str
+    model: str
+    api_key_env: str
+    tls: bool
+    tls_ca: str
+    timeout_seconds: float
+    retry_deadline_seconds: float
+    def __init__(self, kind: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., api_key_env: _Optional[str] = ..., tls: _Optional[bool] = ..., tls_ca: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., retry_deadline_seconds: _Optional[float] = ...) -> None: ...
+
 class DatasetRef(_message.Message):
     __slots__ = ("path", "format", "valid_path", "valid_fraction")
     PATH_FIELD_NUMBER: _ClassVar[int]

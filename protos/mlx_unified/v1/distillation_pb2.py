@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mlx_unified.v1 import common_pb2 as mlx__unified_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!mlx_unified/v1/distillation.proto\x12\x0emlx_unified.v1\x1a\x1bmlx_unified/v1/common.proto\"o\n\x11TemperatureConfig\x12-\n\x04mode\x18\x01 \x01(\x0e\x32\x1f.mlx_unified.v1.TemperatureMode\x12\x0f\n\x07initial\x18\x02 \x01(\x01\x12\r\n\x05\x66inal\x18\x03 \x01(\x01\x12\x0b\n\x03min\x18\x04 \x01(\x01\"\x80\x01\n\x07Teacher\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.mlx_unified.v1.ModelRef\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x13\n\x0broute_value\x18\x03 \x01(\t\x12\x15\n\rquantize_bits\x18\x04 \x01(\x05\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\"9\n\tLayerPair\x12\x15\n\rstudent_layer\x18\x01 \x01(\x05\x12\x15\n\rteacher_layer\x18\x02 \x01(\x05\"\xa4\x01\n\x13\x46\x65\x61tureDistillation\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12,\n\tlayer_map\x18\x02 \x03(\x0b\x32\x19.mlx_unified.v1.LayerPair\x12\x13\n\x07uniform\x18\x03 \x01(\x08\x42\x02\x18\x01\x12)\n\x04loss\x18\x04 \x01(\x0e\x32\x1b.mlx_unified.v1.FeatureLoss\x12\x0e\n\x06weight\x18\x05 \x01(\x01\"O\n\x0eOnPolicyConfig\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\"4\n\x12TeacherCacheConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\r\n\x05top_k\x18\x02 \x01(\x05\">\n\x0bStudentInit\x12\x1b\n\x13keep_teacher_layers\x18\x01 \x03(\x05\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\"\x82\x07\n\x10\x44istillationSpec\x12)\n\x07student\x18\x01 \x01(\x0b\x32\x18.mlx_unified.v1.ModelRef\x12)\n\x08teachers\x18\x02 \x03(\x0b\x32\x17.mlx_unified.v1.Teacher\x12\x13\n\x0broute_field\x18\x03 \x01(\t\x12+\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x1a.mlx_unified.v1.DatasetRef\x12.\n\x06method\x18\x05 \x01(\x0e\x32\x1e.mlx_unified.v1.FinetuneMethod\x12(\n\x04lora\x18\x06 \x01(\x0b\x32\x1a.mlx_unified.v1.LoraConfig\x12\x32\n\toptimizer\x18\x07 \x01(\x0b\x32\x1f.mlx_unified.v1.OptimizerConfig\x12(\n\x04loop\x18\x08 \x01(\x0b\x32\x1a.mlx_unified.v1.LoopConfig\x12,\n\tresources\x18\t \x01(\x0b\x32\x19.mlx_unified.v1.Resources\x12.\n\ndivergence\x18\n \x01(\x0e\x32\x1a.mlx_unified.v1.Divergence\x12\x12\n\x05\x61lpha\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08jsd_beta\x18\x0c \x01(\x01\x12\x36\n\x0btemperature\x18\r \x01(\x0b\x32!.mlx_unified.v1.TemperatureConfig\x12\x35\n\x08\x66\x65\x61tures\x18\x0e \x01(\x0b\x32#.mlx_unified.v1.FeatureDistillation\x12\x31\n\ton_policy\x18\x0f \x01(\x0b\x32\x1e.mlx_unified.v1.OnPolicyConfig\x12\x39\n\rteacher_cache\x18\x10 \x01(\x0b\x32\".mlx_unified.v1.TeacherCacheConfig\x12\x31\n\x0cstudent_init\x18\x11 \x01(\x0b\x32\x1b.mlx_unified.v1.StudentInit\x12\x13\n\x0boutput_name\x18\x12 \x01(\t\x12<\n\x06labels\x18\x13 \x03(\x0b\x32,.mlx_unified.v1.DistillationSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_alpha\"u\n\x18StartDistillationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x04spec\x18\x02 \x01(\x0b\x32 .mlx_unified.v1.DistillationSpec\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"N\n\x19StartDistillationResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.mlx_unified.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08*\x92\x01\n\nDivergence\x12\x1a\n\x16\x44IVERGENCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44IVERGENCE_FORWARD_KL\x10\x01\x12\x19\n\x15\x44IVERGENCE_REVERSE_KL\x10\x02\x12\x12\n\x0e\x44IVERGENCE_JSD\x10\x03\x12\x1e\n\x1a\x44IVERGENCE_TOTAL_VARIATION\x10\x04*\x8d\x01\n\x0fTemperatureMode\x12 \n\x1cTEMPERATURE_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TEMPERATURE_MODE_FIXED\x10\x01\x12\x1d\n\x19TEMPERATURE_MODE_ANNEALED\x10\x02\x12\x1d\n\x19TEMPERATURE_MODE_ADAPTIVE\x10\x03*Z\n\x0b\x46\x65\x61tureLoss\x12\x1c\n\x18\x46\x45\x41TURE_LOSS_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46\x45\x41TURE_LOSS_MSE\x10\x01\x12\x17\n\x13\x46\x45\x41TURE_LOSS_COSINE\x10\x02\x32\x7f\n\x13\x44istillationService\x12h\n\x11StartDistillation\x12(.mlx_unified.v1.StartDistillationRequest\x1a).mlx_unified.v1.StartDistillationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!mlx_unified/v1/distillation.proto\x12\x0emlx_unified.v1\x1a\x1bmlx_unified/v1/common.proto\"o\n\x11TemperatureConfig\x12-\n\x04mode\x18\x01 \x01(\x0e\x32\x1f.mlx_unified.v1.TemperatureMode\x12\x0f\n\x07initial\x18\x02 \x01(\x01\x12\r\n\x05\x66inal\x18\x03 \x01(\x01\x12\x0b\n\x03min\x18\x04 \x01(\x01\"\xaf\x01\n\x07Teacher\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.mlx_unified.v1.ModelRef\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x13\n\x0broute_value\x18\x03 \x01(\t\x12\x15\n\rquantize_bits\x18\x04 \x01(\x05\x12\x10\n\x08\x65ndpoint\x18\x05 \x01(\t\x12-\n\x06remote\x18\x06 \x01(\x0b\x32\x1d.mlx_unified.v1.RemoteBackend\"9\n\tLayerPair\x12\x15\n\rstudent_layer\x18\x01 \x01(\x05\x12\x15\n\rteacher_layer\x18\x02 \x01(\x05\"\xa4\x01\n\x13\x46\x65\x61tureDistillation\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12,\n\tlayer_map\x18\x02 \x03(\x0b\x32\x19.mlx_unified.v1.LayerPair\x12\x13\n\x07uniform\x18\x03 \x01(\x08\x42\x02\x18\x01\x12)\n\x04loss\x18\x04 \x01(\x0e\x32\x1b.mlx_unified.v1.FeatureLoss\x12\x0e\n\x06weight\x18\x05 \x01(\x01\"O\n\x0eOnPolicyConfig\x12\x10\n\x08\x66raction\x18\x01 \x01(\x01\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x13\n\x0btemperature\x18\x03 \x01(\x01\"4\n\x12TeacherCacheConfig\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\r\n\x05top_k\x18\x02 \x01(\x05\">\n\x0bStudentInit\x12\x1b\n\x13keep_teacher_layers\x18\x01 \x03(\x05\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\"\x82\x07\n\x10\x44istillationSpec\x12)\n\x07student\x18\x01 \x01(\x0b\x32\x18.mlx_unified.v1.ModelRef\x12)\n\x08teachers\x18\x02 \x03(\x0b\x32\x17.mlx_unified.v1.Teacher\x12\x13\n\x0broute_field\x18\x03 \x01(\t\x12+\n\x07\x64\x61taset\x18\x04 \x01(\x0b\x32\x1a.mlx_unified.v1.DatasetRef\x12.\n\x06method\x18\x05 \x01(\x0e\x32\x1e.mlx_unified.v1.FinetuneMethod\x12(\n\x04lora\x18\x06 \x01(\x0b\x32\x1a.mlx_unified.v1.LoraConfig\x12\x32\n\toptimizer\x18\x07 \x01(\x0b\x32\x1f.mlx_unified.v1.OptimizerConfig\x12(\n\x04loop\x18\x08 \x01(\x0b\x32\x1a.mlx_unified.v1.LoopConfig\x12,\n\tresources\x18\t \x01(\x0b\x32\x19.mlx_unified.v1.Resources\x12.\n\ndivergence\x18\n \x01(\x0e\x32\x1a.mlx_unified.v1.Divergence\x12\x12\n\x05\x61lpha\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08jsd_beta\x18\x0c \x01(\x01\x12\x36\n\x0btemperature\x18\r \x01(\x0b\x32!.mlx_unified.v1.TemperatureConfig\x12\x35\n\x08\x66\x65\x61tures\x18\x0e \x01(\x0b\x32#.mlx_unified.v1.FeatureDistillation\x12\x31\n\ton_policy\x18\x0f \x01(\x0b\x32\x1e.mlx_unified.v1.OnPolicyConfig\x12\x39\n\rteacher_cache\x18\x10 \x01(\x0b\x32\".mlx_unified.v1.TeacherCacheConfig\x12\x31\n\x0cstudent_init\x18\x11 \x01(\x0b\x32\x1b.mlx_unified.v1.StudentInit\x12\x13\n\x0boutput_name\x18\x12 \x01(\t\x12<\n\x06labels\x18\x13 \x03(\x0b\x32,.mlx_unified.v1.DistillationSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_alpha\"u\n\x18StartDistillationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x04spec\x18\x02 \x01(\x0b\x32 .mlx_unified.v1.DistillationSpec\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"N\n\x19StartDistillationResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.mlx_unified.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08*\x92\x01\n\nDivergence\x12\x1a\n\x16\x44IVERGENCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44IVERGENCE_FORWARD_KL\x10\x01\x12\x19\n\x15\x44IVERGENCE_REVERSE_KL\x10\x02\x12\x12\n\x0e\x44IVERGENCE_JSD\x10\x03\x12\x1e\n\x1a\x44IVERGENCE_TOTAL_VARIATION\x10\x04*\x8d\x01\n\x0fTemperatureMode\x12 \n\x1cTEMPERATURE_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TEMPERATURE_MODE_FIXED\x10\x01\x12\x1d\n\x19TEMPERATURE_MODE_ANNEALED\x10\x02\x12\x1d\n\x19TEMPERATURE_MODE_ADAPTIVE\x10\x03*Z\n\x0b\x46\x65\x61tureLoss\x12\x1c\n\x18\x46\x45\x41TURE_LOSS_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46\x45\x41TURE_LOSS_MSE\x10\x01\x12\x17\n\x13\x46\x45\x41TURE_LOSS_COSINE\x10\x02\x32\x7f\n\x13\x44istillationService\x12h\n\x11StartDistillation\x12(.mlx_unified.v1.StartDistillationRequest\x1a).mlx_unified.v1.StartDistillationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +36,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATUREDISTILLATION'].fields_by_name['uniform']._serialized_options = b'\030\001'
   _globals['_DISTILLATIONSPEC_LABELSENTRY']._loaded_options = None
   _globals['_DISTILLATIONSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DIVERGENCE']._serialized_start=1852
-  _globals['_DIVERGENCE']._serialized_end=1998
-  _globals['_TEMPERATUREMODE']._serialized_start=2001
-  _globals['_TEMPERATUREMODE']._serialized_end=2142
-  _globals['_FEATURELOSS']._serialized_start=2144
-  _globals['_FEATURELOSS']._serialized_end=2234
+  _globals['_DIVERGENCE']._serialized_start=1899
+  _globals['_DIVERGENCE']._serialized_end=2045
+  _globals['_TEMPERATUREMODE']._serialized_start=2048
+  _globals['_TEMPERATUREMODE']._serialized_end=2189
+  _globals['_FEATURELOSS']._serialized_start=2191
+  _globals['_FEATURELOSS']._serialized_end=2281
   _globals['_TEMPERATURECONFIG']._serialized_start=82
   _globals['_TEMPERATURECONFIG']._serialized_end=193
   _globals['_TEACHER']._serialized_start=196
-  _globals['_TEACHER']._serialized_end=324
-  _globals['_LAYERPAIR']._serialized_start=326
-  _globals['_LAYERPAIR']._serialized_end=383
-  _globals['_FEATUREDISTILLATION']._serialized_start=386
-  _globals['_FEATUREDISTILLATION']._serialized_end=550
-  _globals['_ONPOLICYCONFIG']._serialized_start=552
-  _globals['_ONPOLICYCONFIG']._serialized_end=631
-  _globals['_TEACHERCACHECONFIG']._serialized_start=633
-  _globals['_TEACHERCACHECONFIG']._serialized_end=685
-  _globals['_STUDENTINIT']._serialized_start=687
-  _globals['_STUDENTINIT']._serialized_end=749
-  _globals['_DISTILLATIONSPEC']._serialized_start=752
-  _globals['_DISTILLATIONSPEC']._serialized_end=1650
-  _globals['_DISTILLATIONSPEC_LABELSENTRY']._serialized_start=1595
-  _globals['_DISTILLATIONSPEC_LABELSENTRY']._serialized_end=1640
-  _globals['_STARTDISTILLATIONREQUEST']._serialized_start=1652
-  _globals['_STARTDISTILLATIONREQUEST']._serialized_end=1769
-  _globals['_STARTDISTILLATIONRESPONSE']._serialized_start=1771
-  _globals['_STARTDISTILLATIONRESPONSE']._serialized_end=1849
-  _globals['_DISTILLATIONSERVICE']._serialized_start=2236
-  _globals['_DISTILLATIONSERVICE']._serialized_end=2363
+  _globals['_TEACHER']._serialized_end=371
+  _globals['_LAYERPAIR']._serialized_start=373
+  _globals['_LAYERPAIR']._serialized_end=430
+  _globals['_FEATUREDISTILLATION']._serialized_start=433
+  _globals['_FEATUREDISTILLATION']._serialized_end=597
+  _globals['_ONPOLICYCONFIG']._serialized_start=599
+  _globals['_ONPOLICYCONFIG']._serialized_end=678
+  _globals['_TEACHERCACHECONFIG']._serialized_start=680
+  _globals['_TEACHERCACHECONFIG']._serialized_end=732
+  _globals['_STUDENTINIT']._serialized_start=734
+  _globals['_STUDENTINIT']._serialized_end=796
+  _globals['_DISTILLATIONSPEC']._serialized_start=799
+  _globals['_DISTILLATIONSPEC']._serialized_end=1697
+  _globals['_DISTILLATIONSPEC_LABELSENTRY']._serialized_start=1642
+  _globals['_DISTILLATIONSPEC_LABELSENTRY']._serialized_end=1687
+  _globals['_STARTDISTILLATIONREQUEST']._serialized_start=1699
+  _globals['_STARTDISTILLATIONREQUEST']._serialized_end=1816
+  _globals['_STARTDISTILLATIONRESPONSE']._serialized_start=1818
+  _globals['_STARTDISTILLATIONRESPONSE']._serialized_end=1896
+  _globals['_DISTILLATIONSERVICE']._serialized_start=2283
+  _globals['_DISTILLATIONSERVICE']._serialized_end=2410
 # @@protoc_insertion_point(module_scope)

@@ -54,18 +54,20 @@ class TemperatureConfig(_message.Message):
     def __init__(self, mode: _Optional[_Union[TemperatureMode, str]] = ..., initial: _Optional[float] = ..., final: _Optional[float] = ..., min: _Optional[float] = ...) -> None: ...
 
 class Teacher(_message.Message):
-    __slots__ = ("model", "weight", "route_value", "quantize_bits", "endpoint")
+    __slots__ = ("model", "weight", "route_value", "quantize_bits", "endpoint", "remote")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ROUTE_VALUE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZE_BITS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelRef
     weight: float
     route_value: str
     quantize_bits: int
     endpoint: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., weight: _Optional[float] = ..., route_value: _Optional[str] = ..., quantize_bits: _Optional[int] = ..., endpoint: _Optional[str] = ...) -> None: ...
+    remote: _common_pb2.RemoteBackend
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., weight: _Optional[float] = ..., route_value: _Optional[str] = ..., quantize_bits: _Optional[int] = ..., endpoint: _Optional[str] = ..., remote: _Optional[_Union[_common_pb2.RemoteBackend, _Mapping]] = ...) -> None: ...
 
 class LayerPair(_message.Message):
     __slots__ = ("student_layer", "teacher_layer")
