@@ -42,7 +42,7 @@ from services.rlhf.trainers import (
     run_cli,
     write_policy,
 )
-from services.rlhf.trainers.losses import aux, dpo_loss, token_logps
+from services.rlhf.trainers.losses import aux, dpo_loss, model_token_logps
 from services.runtime import checkpoints, datasets
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.errors import InvalidArgument
@@ -62,7 +62,7 @@ CACHE_FILE = "reference_logps.safetensors"
 def sequence_logps(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
     """Summed log-probs of each row's answer tokens and their count, both ``[rows]``."""
     mask = batch["loss_mask"]
-    lp = token_logps(model(batch["inputs"]), batch["targets"])
+    lp = model_token_logps(model, batch["inputs"], batch["targets"])
     return (lp * mask).sum(axis=1), mask.sum(axis=1)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from services.runtime import linear_ce
 from services.schema.preference import DPO_LOSSES
 from services.schema.rollouts import GRPO_LOSSES, REWARD_SCALES
 
@@ -26,6 +27,12 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
     return picked - mx.logsumexp(logits, axis=-1)
+
+
+def model_token_logps(model: nn.Module, inputs: mx.array, targets: mx.array) -> mx.array:
+    """``token_logps(model(inputs), targets)``, fused with the LM head where the model allows
+    (services.runtime.linear_ce): the [B, T, V] logits are never held."""
+    return -linear_ce.token_nll(model, inputs, targets, lambda lg, t: -token_logps(lg, t))
 
 
 def entropy(logits: mx.array) -> mx.array:

@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from services.rlhf.trainers import load_policy, run_cli
-from services.rlhf.trainers.losses import aux, token_logps
+from services.rlhf.trainers.losses import aux, model_token_logps
 from services.rlhf.trainers.pairs import train_on_pairs
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.schema.preference import ORPOConfig
@@ -58,7 +58,7 @@ def orpo_loss(
 
 def make_loss(beta: float):
     def loss_fn(model: nn.Module, batch: dict[str, mx.array]):
-        lp = token_logps(model(batch["inputs"]), batch["targets"])
+        lp = model_token_logps(model, batch["inputs"], batch["targets"])
         mask, lengths = batch["loss_mask"], batch["lengths"]
         b = lp.shape[0] // 2
         real = (lengths[:b] > 0).astype(mx.float32)

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from services.runtime import adapters, checkpoints, datasets, models
+from services.runtime import adapters, checkpoints, datasets, linear_ce, models
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.loop import (
     Artifact,
@@ -98,8 +98,8 @@ def loss_fn(model: nn.Module, batch: dict[str, mx.array]):
     """Masked next-token cross entropy (fp32), mean over the tokens that count."""
     mask = batch["loss_mask"]
     ntoks = mask.sum()
-    logits = model(batch["inputs"])
-    total = (cross_entropy(logits, batch["targets"]) * mask).sum()
+    ce = linear_ce.token_nll(model, batch["inputs"], batch["targets"], cross_entropy)
+    total = (ce * mask).sum()
     return total / mx.maximum(ntoks, 1.0), ntoks, {}
 
 

@@ -1,0 +1,67 @@
+"""The head-fused cross entropy (services.runtime.linear_ce) takes the same step as the
+logits path: same loss and gradients, over several blocks, for a tied and an untied head;
+heads it cannot fuse fall back to the logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+from services.runtime import linear_ce
+from services.runtime.model_build import build_tiny_model
+from services.runtime.models import load_model
+from services.training.trainers.sft import cross_entropy
+
+
+def _loss_and_grads(model: nn.Module, fused: bool, x, t, m) -> tuple[float, dict]:  # noqa: ANN001
+    def loss(mdl: nn.Module) -> mx.array:
+        ce = linear_ce.token_nll(mdl, x, t, cross_entropy)
+        return (ce * m).sum() / m.sum()
+
+    old = linear_ce.ENABLED
+    linear_ce.ENABLED = fused
+    try:
+        value, grads = nn.value_and_grad(model, loss)(model)
+        mx.eval(value, grads)
+    finally:
+        linear_ce.ENABLED = old
+    return value.item(), dict(tree_flatten(grads))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_head_matches_the_logits_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool
+) -> None:
+    path = build_tiny_model(tmp_path / "m", vocab_size=600, tie_word_embeddings=tied)
+    model, _ = load_model(str(path), None, "float32", field="m")
+    assert linear_ce.head_weight(model) is not None
+    monkeypatch.setattr(linear_ce, "BLOCK_ELEMENTS", 600 * 7)  # 7 tokens a block: 9 blocks
+    mx.random.seed(0)
+    x = mx.random.randint(0, 600, (3, 20))
+    t = mx.random.randint(0, 600, (3, 20))
+    m = (mx.random.uniform(shape=(3, 20)) > 0.3).astype(mx.float32)
+    l0, g0 = _loss_and_grads(model, False, x, t, m)
+    l1, g1 = _loss_and_grads(model, True, x, t, m)
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    assert mx.abs(g0[head]).max().item() > 0
+    for k in g0:
+        assert mx.allclose(g0[k], g1[k], atol=1e-6, rtol=1e-5).item(), k
+
+
+def test_bf16_fused_head_is_close_and_quantized_heads_fall_back(tmp_path: Path) -> None:
+    path = build_tiny_model(tmp_path / "m", vocab_size=600)
+    model, _ = load_model(str(path), None, "float32", field="m")
+    x = mx.random.randint(0, 600, (2, 16))
+    exact = linear_ce.token_nll(model, x, x, cross_entropy)
+    model.set_dtype(mx.bfloat16)
+    fused = linear_ce.token_nll(model, x, x, cross_entropy)
+    assert fused.dtype == mx.float32
+    assert mx.allclose(fused, exact, rtol=2e-2, atol=5e-2).item()
+    nn.quantize(model, group_size=32, bits=4)
+    assert linear_ce.head_weight(model) is None  # quantized embedding: the logits path
+    assert linear_ce.token_nll(model, x, x, cross_entropy).shape == (2, 16)
