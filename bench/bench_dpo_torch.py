@@ -55,6 +55,9 @@ import common
 
 HERE = Path(__file__).resolve().parent
 TORCH_SIDES = ("torch-eager", "torch-compile", "torch-trl")
+MLX_SIDES = ("mlxu", "mlxu-logits")  # mlxu-logits: services.runtime.linear_ce off
+LLAMA1B_SHAPE = {"num_layers": 16, "hidden_size": 2048, "num_heads": 32, "num_kv_heads": 8,
+                 "intermediate_size": 8192, "vocab_size": 128256}  # fmt: skip
 GPU_DEFAULTS = (8, 1024, 5, 30)  # pairs per batch, seq_len, warmup, steps
 CPU_DEFAULTS = (2, 128, 1, 4)
 # SmolLM2-135M's shape (config.json of the converted model), random weights: builds anywhere
@@ -320,8 +323,13 @@ def child(job_file: Path) -> int:
     job = json.loads(job_file.read_text())
     out: dict[str, Any] = {"side": job["side"]}
     try:
-        if job["side"] == "mlxu":
+        if job["side"] in MLX_SIDES:
             import bench_rlhf  # imports services first: BLAS before mlx.core
+
+            if job["side"] == "mlxu-logits":  # the head-fused log-probs off
+                from services.runtime import linear_ce
+
+                linear_ce.ENABLED = False
 
             out.update(bench_rlhf.dpo_child(job))
             out["logps1"] = out.get("logps_chosen_step1")
@@ -359,6 +367,9 @@ def _model_path(name: str, home: Path) -> tuple[str, str]:
     if name == "smollm2-shape":
         path = build_tiny_model(home / "models" / "bench-smollm2-shape", **SMOLLM2_SHAPE)
         return str(path), "SmolLM2-135M's shape, random weights, locally built tokenizer"
+    if name == "llama1b-shape":
+        path = build_tiny_model(home / "models" / "bench-llama1b-shape", **LLAMA1B_SHAPE)
+        return str(path), "Llama-3.2-1B's shape (vocab 128,256, tied), random weights"
     if name == "tiny":
         tag = f"bench-kd-l{TINY['num_layers']}-h{TINY['hidden_size']}-s{TINY['seed']}"
         return str(build_tiny_model(home / "models" / tag, **TINY)), "tiny random llama"
@@ -428,7 +439,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--both", action="store_true", help="mlxu and the torch sides (default)")
     mode.add_argument("--mlx", action="store_true", help="our trainer only")
     mode.add_argument("--torch", action="store_true", help="the torch sides only")
-    add("--sides", help="explicit, comma-separated: mlxu," + ",".join(TORCH_SIDES))
+    add("--sides", help="explicit, comma-separated: " + ",".join(MLX_SIDES + TORCH_SIDES))
     add("--model", default="smollm2", help="smollm2 (falls back to smollm2-shape when its "
         "weights are unavailable), smollm2-shape, tiny, or a model directory")  # fmt: skip
     add("--reference", default="cached,live", help="cached, live, or both")
@@ -497,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                    "dtype": dtype, "seed": 0, "stem": stem,
                    "workdir": str(work), "result": str(work / f"{stem}.result.json")}  # fmt: skip
             (work / f"{stem}.job.json").write_text(json.dumps(job))
-            python = sys.executable if side == "mlxu" else args.torch_python
+            python = sys.executable if side in MLX_SIDES else args.torch_python
             res = common.run_child(
                 [python, str(Path(__file__).resolve()), "--child", str(work / f"{stem}.job.json")],
                 Path(job["result"]), timeout=args.timeout, log_file=work / f"{stem}.log",

@@ -39,12 +39,19 @@ TINY_CONFIGS = {  # name -> build_tiny_model arguments
              "intermediate_size": 128},
     "tiny256": {"num_layers": 4, "hidden_size": 256, "num_heads": 8, "num_kv_heads": 4,
                 "intermediate_size": 768},
+    # Random-weight models of real shapes (GPU runs): SmolLM2-135M and Llama-3.2-1B.
+    "smol135": {"num_layers": 30, "hidden_size": 576, "num_heads": 9, "num_kv_heads": 3,
+                "intermediate_size": 1536, "vocab_size": 49152},
+    "llama1b": {"num_layers": 16, "hidden_size": 2048, "num_heads": 32, "num_kv_heads": 8,
+                "intermediate_size": 8192, "vocab_size": 128256},
 }  # fmt: skip
 MODEL_ALIASES = {"smollm2": "smollm2-135m-instruct"}
 # (batch, seq_len, warmup, steps) when not given: the CPU set keeps the default run < 10 min.
 CPU_DEFAULTS = {"tiny": (4, 256, 3, 20), "tiny256": (4, 256, 3, 15), "smollm2": (2, 128, 2, 4)}
 GPU_DEFAULTS = (8, 1024, 5, 30)
+# mlxu-logits: our trainer with the head-fused loss off (services.runtime.linear_ce).
 MLX_SIDES = ("mlxu", "mlx-lm")
+EXTRA_SIDES = ("mlxu-logits",)
 TORCH_SIDES = ("torch-eager", "torch-compile")
 COLUMNS = [
     ("model", "model"), ("method", "method"), ("data", "data"), ("side", "side"),
@@ -237,7 +244,11 @@ def child(job_file: Path) -> int:
         out["blas_loaded"] = blas.loaded or blas.reason
         probe = _Probe(job["warmup"], job["warmup"] + job["steps"])
         load0 = os.getloadavg()[0]
-        runner = _run_mlxu if job["side"] == "mlxu" else _run_mlx_lm
+        if job["side"] == "mlxu-logits":
+            from services.runtime import linear_ce
+
+            linear_ce.ENABLED = False
+        runner = _run_mlx_lm if job["side"] == "mlx-lm" else _run_mlxu
         out.update(probe.result(runner(job, probe)))
         out["device"] = str(mx.default_device())
         out["loadavg"] = [load0, os.getloadavg()[0]]
@@ -263,7 +274,8 @@ def _resolve_models(names: list[str], home: Path) -> dict[str, str]:
     for name in names:
         if name in TINY_CONFIGS:
             cfg = TINY_CONFIGS[name]
-            tag = f"bench-tiny-l{cfg['num_layers']}-h{cfg['hidden_size']}"
+            shape = f"l{cfg['num_layers']}-h{cfg['hidden_size']}-v{cfg.get('vocab_size', 512)}"
+            tag = f"bench-tiny-{shape}"
             out[name] = str(build_tiny_model(home / "models" / tag, **cfg))
         else:  # a model directory given by path is used as it is, wherever it lies
             out[name] = common.local_model(name) or resolve_model(
