@@ -2,11 +2,13 @@
    uPlot chart per group of curves (loss, reward, KL) that the trainer reports. */
 "use strict";
 
-const GROUPS = [
-  ["loss", "Loss", (m) => /loss/.test(m)],
-  ["reward", "Reward", (m) => /reward/.test(m)],
-  ["kl", "KL", (m) => /(^|_)kl(_|$)/.test(m)],
+const GROUPS = [  // [group, title, which metrics it plots]
+  ["loss", "Loss", (m) => m === "train_loss" || m === "val_loss"],
+  ["reward", "Reward", (m) => /reward/.test(m) && !/_tokens$/.test(m)],
+  ["kl", "KL", (m) => /(^|_)kl(_|$)/.test(m) && !/_tokens$/.test(m)],
 ];
+// Shown up front; every other metric a trainer reports is one click away.
+const HEADLINE = new Set(["train_loss", "val_loss", "learning_rate", "tokens_per_second"]);
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777"];
 
 function groupOf(metric) {
@@ -92,13 +94,15 @@ class StageView {
     this.eta = h("span", { class: "eta" }, "–");
     this.links = h("span", { class: "links" });
     this.metrics = h("dl", { class: "metrics" });
+    this.more = h("dl", { class: "metrics" });
+    this.moreBox = h("details", { class: "more", hidden: true }, h("summary", {}, "all metrics"), this.more);
     this.note = h("div", { class: "note" });
     this.chartsEl = h("div", { class: "charts" });
     this.el = h("section", { class: "stage", "data-stage": title },
       h("header", {}, h("h2", {}, title, " ", h("span", { class: "muted" }, subtitle || "")),
         this.state, h("span", { class: "label" }, "step"), this.step,
         h("span", { class: "label" }, "ETA"), this.eta, this.links),
-      this.metrics, this.chartsEl, this.note);
+      this.metrics, this.moreBox, this.chartsEl, this.note);
     parent.append(this.el);
   }
 
@@ -125,9 +129,13 @@ class StageView {
 
   showMetrics(metrics) {
     Object.assign(this.latest, metrics);
-    const rows = Object.keys(this.latest).sort().map((k) => [
-      h("dt", {}, k), h("dd", { "data-metric": k }, num(this.latest[k]))]);
-    this.metrics.replaceChildren(...rows.flat());
+    const row = (k) => [h("dt", {}, k), h("dd", { "data-metric": k }, num(this.latest[k]))];
+    const names = Object.keys(this.latest).sort();
+    const top = names.filter((k) => HEADLINE.has(k) || groupOf(k));
+    const rest = names.filter((k) => !top.includes(k));
+    this.metrics.replaceChildren(...top.flatMap(row));
+    this.more.replaceChildren(...rest.flatMap(row));
+    this.moreBox.hidden = !rest.length;
   }
 
   progress(p) {  // a Progress event (proto JSON: int64 fields are strings)
