@@ -120,11 +120,14 @@ def open_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gatew
 
 
 def _wait(driver, what, timeout: float = WAIT_S):  # noqa: ANN001, ANN202
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: what(d))
+        wait = WebDriverWait(
+            driver, timeout, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException]
+        )
+        return wait.until(lambda d: what(d))
     except TimeoutException:
         console = "\n".join(e["message"] for e in driver.get_log("browser"))
         page = driver.find_element("css selector", "body").text
@@ -171,11 +174,15 @@ def _create(driver, url: str, values: dict[str, str]) -> str:  # noqa: ANN001
 
 
 def _loss_points(driver) -> tuple[int, str]:  # noqa: ANN001
-    charts = _css(driver, "[data-chart=loss]")
-    metrics = _css(driver, "[data-metric=train_loss]")
-    if not charts or not metrics:
-        return 0, ""
-    return max(int(c.get_attribute("data-points") or 0) for c in charts), metrics[0].text
+    """The most points any loss chart has, and the latest train_loss shown (read in one
+    script: the page redraws these as events arrive)."""
+    got = driver.execute_script(
+        """const pts = [...document.querySelectorAll("[data-chart=loss]")]
+             .map((c) => Number(c.dataset.points || 0));
+           const m = document.querySelector("[data-metric=train_loss]");
+           return [Math.max(0, ...pts), m ? m.textContent : ""];"""
+    )
+    return int(got[0]), str(got[1])
 
 
 def _steps(n: int, report: int = 1, validate: int = 5) -> str:
