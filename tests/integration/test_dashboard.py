@@ -286,3 +286,13 @@ def test_dashboard_creates_follows_and_cancels_runs(
     driver.get(f"{url}/ui/models")
     _wait(driver, lambda d: "No registered models" in _css(d, "#models-table")[0].text)
     assert not _css(driver, "#error")[0].is_displayed()
+
+    # With an API key saved, streams are read with fetch (EventSource sends no headers):
+    # the finished run's curves replay the same way. (Without keys configured the gateway
+    # and services pass any key on, so this stack serves it.)
+    _fill(driver, {"api-key": "any-key"})
+    _css(driver, "#key-form button")[0].click()
+    driver.get(f"{url}/ui/runs/{run_id}")
+    _wait(driver, lambda d: _css(d, "#live")[0].text == "finished")
+    assert _loss_points(driver)[0] >= 3
+    assert driver.execute_script("return localStorage.getItem('mlxu.apiKey')") == "any-key"
