@@ -323,7 +323,7 @@ function jobPage() {
 
 /* --- wiring --- */
 
-const SERVICES = ["training", "distillation", "rlhf"];
+const SERVICES = (document.body.dataset.services || "training,distillation,rlhf").split(",");
 
 function setupKey() {
   const input = $("api-key");
