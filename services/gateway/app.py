@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from orchestrator.backend import channel_credentials
-from services.gateway import errors, legacy, metrics, resources, streams
+from services.gateway import dashboard, errors, legacy, metrics, resources, streams
 from services.gateway.backends import Backends
 from services.gateway.middleware import Edge
 from services.runtime import logs
@@ -60,6 +60,7 @@ def create_app(settings: Settings, backends: Backends | None = None) -> FastAPI:
     app.include_router(streams.router)
     app.include_router(resources.router)
     app.include_router(metrics.router)
+    dashboard.install(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
