@@ -21,6 +21,9 @@ class Chart {
     this.group = group;
     this.steps = [];                // x: the optimiser step of each report
     this.values = new Map();        // metric -> array aligned with steps (null = not reported)
+    // Reports repeat the last held-out figures until the next evaluation: a val_* value
+    // equal to the one before it is that repeat, not a new evaluation, and is not plotted.
+    this.lastVal = new Map();
     this.el = h("div", { class: "chart", "data-chart": group, "data-points": "0", "data-series": "" },
       h("div", { class: "chart-title" }, title));
     parent.append(this.el);
@@ -36,6 +39,10 @@ class Chart {
       for (const arr of this.values.values()) arr.push(null);
     }
     for (const [name, v] of Object.entries(metrics)) {
+      if (name.startsWith("val_")) {
+        if (this.lastVal.get(name) === Number(v)) continue;
+        this.lastVal.set(name, Number(v));
+      }
       if (!this.values.has(name)) {
         this.values.set(name, this.steps.map(() => null));
         this.destroy();  // a new series: build the plot again with it
