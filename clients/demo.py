@@ -107,6 +107,7 @@ class Scorecard:
 
     t0: float = field(default_factory=time.monotonic)
     first_step: float | None = None
+    sft_answer: float | None = None  # when the SFT adapter's answer was printed
     before: dict[str, dict[str, float]] = field(default_factory=dict)
     after: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -213,7 +214,12 @@ def _run_sft_only(
 
 
 def _run_chatbot(
-    client: MLXUClient, sft_steps: int, dpo_steps: int, card: Scorecard, ask: Callable[[], None]
+    client: MLXUClient,
+    sft_steps: int,
+    dpo_steps: int,
+    card: Scorecard,
+    ask: Callable[[], None],
+    ask_with: Callable[[str], str],
 ) -> tuple[str, dict] | None:
     overrides = {
         "name": "demo-chatbot",
@@ -235,6 +241,13 @@ def _run_chatbot(
         if event.WhichOneof("payload") == "job_event":
             card.job_event(event.job_event.stage, event.job_event.event)
         display.update(event)
+        change = event.stage_state_change
+        if change.stage == "sft" and change.to_state == orchestrator_pb2.STAGE_STATE_SUCCEEDED:
+            # The first better answer, while the DPO worker starts (the watch buffers).
+            [sft] = [s for s in client.get_run(run.run_id).stages if s.name == "sft"]
+            said = ask_with(sft.result.path or sft.job.result.path)
+            card.sft_answer = card.elapsed()
+            print(f"\nafter SFT:         {said}   {card.stamp()}\n", flush=True)
     final = client.get_run(run.run_id)
     display.finish(final)
     if final.state != orchestrator_pb2.RUN_STATE_SUCCEEDED:
@@ -266,7 +279,14 @@ def run(
         done = (
             _run_sft_only(client, sft_steps, card, ask_before)
             if sft_only
-            else _run_chatbot(client, sft_steps, dpo_steps, card, ask_before)
+            else _run_chatbot(
+                client,
+                sft_steps,
+                dpo_steps,
+                card,
+                ask_before,
+                lambda adapter: _ask(client, system, question, adapter),
+            )
         )
         if done is None:
             return 1
@@ -275,9 +295,10 @@ def run(
         for line in card.lines():
             print(f"measured:          {line}")
         if card.first_step is not None:
+            sft = f"SFT answer at {card.sft_answer:.1f}s, " if card.sft_answer else ""
             print(
-                f"measured:          first step at {card.first_step:.1f}s, answer at "
-                f"{card.elapsed():.1f}s (uptime load {os.getloadavg()[0]:.2f})"
+                f"measured:          first step at {card.first_step:.1f}s, {sft}final answer "
+                f"at {card.elapsed():.1f}s (load average {os.getloadavg()[0]:.2f})"
             )
         print(f"metrics:           {json.dumps(_short(metrics))}")
         print(f"checkpoint:        {adapter}")
