@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_models.add_parser(sub, _cmd)
 
     p = _cmd(sub, "demo", cmd_demo, "the quick start: chatbot template on SmolLM2-135M")
-    p.add_argument("--sft-steps", type=int, default=50)
-    p.add_argument("--dpo-steps", type=int, default=8)
+    p.add_argument("--sft-steps", type=int, default=30)
+    p.add_argument("--dpo-steps", type=int, default=4)
     p.add_argument("--sft-only", action="store_true", help="one SFT job, no orchestrator")
     p.add_argument("--home", help="data dir (default: $MLXU_HOME or ~/.mlxu)")
     return parser

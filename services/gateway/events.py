@@ -59,12 +59,14 @@ async def sse(
     source: AsyncIterator[Any],
     render: Callable[[Any], tuple[str, int, dict]],
     finished: Callable[[], Awaitable[bool]] | None = None,
+    delivered: Callable[[Any], None] | None = None,
 ) -> AsyncIterator[str]:
     """SSE frames for ``source``'s items; ``render(item)`` -> (event name, seq, JSON data).
 
     When ``source`` ends, ``finished()`` says whether that was the end of the job or run
     (then an ``end`` event) or a service going away (then the connection just closes, and
-    the client reconnects with Last-Event-ID, as EventSource does by itself)."""
+    the client reconnects with Last-Event-ID, as EventSource does by itself).
+    ``delivered(item)`` runs once the item's frame is written (the event lag metric)."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=64)
     task = asyncio.create_task(_pump(source, queue))
     try:
@@ -85,6 +87,8 @@ async def sse(
                 return
             name, seq, data = render(item)
             yield frame(name, data, seq)
+            if delivered is not None:  # resumed here: the server has sent the frame
+                delivered(item)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

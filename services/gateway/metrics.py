@@ -4,8 +4,11 @@ The gateway holds no state, so the platform's gauges are read from the services 
 time (ListJobs on each trainer service, their health): jobs by service, kind and state, the
 queue depth, each running job's steps/s and tokens/s, and whether each service answers. The
 gateway's own traffic is counted as it happens: requests by method, route and status, and
-their latency. With API keys configured the scrape sends ``X-API-Key`` like any caller
-(Prometheus: ``http_headers`` or ``authorization`` in the scrape config).
+their latency, and the event lag (``mlxu_event_lag_seconds``): how long after a job or run
+event was recorded (its ``time``) the gateway delivered it to an SSE watcher,
+``phase="live"`` for events recorded while the watch was open, ``"replay"`` for stored ones
+a (re)connect asked for. With API keys configured the scrape sends ``X-API-Key`` like any
+caller (Prometheus: ``http_headers`` or ``authorization`` in the scrape config).
 """
 
 from __future__ import annotations
@@ -54,6 +57,13 @@ class Http:
             registry=registry,
             buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
+        self.event_lag = Histogram(
+            "mlxu_event_lag_seconds",
+            "From a job or run event's recorded time to its delivery to an SSE watcher",
+            ["stream", "phase"],
+            registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+        )
 
     def observe(self, scope: dict[str, Any], status: int, seconds: float) -> None:
         route = scope.get("route")
@@ -61,6 +71,13 @@ class Http:
         method = str(scope.get("method", ""))
         self.requests.labels(method, path, str(status)).inc()
         self.seconds.labels(method, path).observe(seconds)
+
+    def delivered(self, stream: str, created: float, opened: float) -> None:
+        """An event recorded at ``created`` (epoch s) reached a watcher whose stream opened
+        at ``opened``. Service and gateway clocks are compared: a skew shows as lag, never
+        below zero."""
+        phase = "live" if created >= opened else "replay"
+        self.event_lag.labels(stream, phase).observe(max(0.0, time.time() - created))
 
 
 def install(app: Any) -> Http:

@@ -3,7 +3,8 @@ Generate, as SSE chunks or one JSON answer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -22,6 +23,20 @@ from services.gateway.schemas import ref
 
 router = APIRouter(prefix="/v1")
 _SSE = {200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}}
+
+
+def _lag(request: Request, stream: str) -> Callable[[Any], None] | None:
+    """Records each delivered event's lag (``mlxu_event_lag_seconds``)."""
+    http = getattr(request.app.state, "http_metrics", None)
+    if http is None:
+        return None
+    opened = time.time()
+
+    def delivered(resp: Any) -> None:
+        if resp.event.HasField("time"):
+            http.delivered(stream, resp.event.time.ToNanoseconds() / 1e9, opened)
+
+    return delivered
 
 
 def _job_frame(resp: cpb.WatchJobResponse) -> tuple[str, int, dict[str, Any]]:
@@ -64,7 +79,8 @@ async def job_events(
 
     req = cpb.WatchJobRequest(job_id=job_id, after_seq=seq, view=cpb.JOB_VIEW_BASIC)
     source = b.stream(svc, JOBS, "WatchJob", req, key)
-    return events.response(events.sse(source, _job_frame, finished))
+    lag = _lag(request, "job")
+    return events.response(events.sse(source, _job_frame, finished, lag))
 
 
 @router.get(
@@ -94,7 +110,8 @@ async def run_events(
 
     req = opb.WatchRunRequest(run_id=run_id, after_seq=seq)
     source = b.stream("orchestrator", ORCH, "WatchRun", req, key)
-    return events.response(events.sse(source, _run_frame, finished))
+    lag = _lag(request, "run")
+    return events.response(events.sse(source, _run_frame, finished, lag))
 
 
 def _joined(chunks: list[gpb.GenerateResponse]) -> dict[str, Any]:

@@ -89,3 +89,30 @@ def read_scalars(directory) -> dict[str, list[tuple[int, float]]]:
             for v in ev.summary.value:
                 out.setdefault(v.tag, []).append((int(ev.step), float(v.simple_value)))
     return out
+
+
+def read_wandb_records(run_dir) -> list:
+    """The records of an offline W&B run (``<run_dir>/run-<id>.wandb``) as wandb's own
+    ``Record`` protos, read through the file's LevelDB-log framing (a 7-byte ``:W&B`` file
+    header, 32 KiB blocks, each chunk behind a 7-byte CRC/length/type header) so the test
+    checks what wandb wrote, not what our sink meant to send."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = Path(run_dir).glob("run-*.wandb")
+    data, block, i = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    records, parts = [], b""
+    while i + 7 <= len(data):
+        if block - i % block < 7:  # the rest of a block is padding
+            i += block - i % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[i : i + 7])
+        parts += data[i + 7 : i + 7 + length]
+        i += 7 + length
+        if kind in (1, 4):  # FULL, LAST (FIRST=2 and MIDDLE=3 continue)
+            records.append(wandb_internal_pb2.Record.FromString(parts))
+            parts = b""
+    return records

@@ -233,3 +233,50 @@ def test_gateway_is_a_servable_process(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("MLXU_GATEWAY_PORT", "18700")
     assert Settings.from_env("gateway", home=tmp_path).port == 18700
     assert "gateway: uv run mlxu serve gateway" in (REPO / "Procfile").read_text()
+
+
+class _Watched(_Backends):
+    """One job: a stored event from 100 s ago, then one recorded after the watch opened
+    and relayed 0.2 s later, then the job is over."""
+
+    def __init__(self) -> None:
+        self.job = cpb.Job(job_id="j1", state=cpb.JOB_STATE_SUCCEEDED)
+
+    async def call(self, *_a: object) -> object:
+        return cpb.GetJobResponse(job=self.job)
+
+    async def stream(self, *_a: object):
+        import time
+
+        for seq, age in ((1, 100.0), (2, None)):
+            created = time.time() - (age or 0.0)
+            if age is None:  # live: recorded while the watcher waits, relayed 0.2 s later
+                await asyncio.sleep(0.2)
+            event = cpb.JobEvent(job_id="j1", seq=seq, log=cpb.LogMessage(text="x"))
+            event.time.FromNanoseconds(int(created * 1e9))
+            yield cpb.WatchJobResponse(event=event, job=self.job)
+
+
+def test_event_lag_is_measured_at_delivery_live_and_replayed_apart(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app(Settings(service="gateway", home=tmp_path), _Watched())  # type: ignore[arg-type]
+    with TestClient(app) as c:
+        r = c.get("/v1/jobs/training/j1/events")
+    assert r.status_code == 200 and r.text.count("event: log") == 2
+    text = generate_latest(app.state.metrics_registry).decode()
+    samples = {
+        (s.name, s.labels.get("phase"), s.labels.get("le")): s.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name == "mlxu_event_lag_seconds"
+        for s in fam.samples
+        if s.labels.get("stream") == "job"
+    }
+    assert samples[("mlxu_event_lag_seconds_count", "replay", None)] == 1
+    assert samples[("mlxu_event_lag_seconds_count", "live", None)] == 1
+    assert 100 <= samples[("mlxu_event_lag_seconds_sum", "replay", None)] < 110
+    live = samples[("mlxu_event_lag_seconds_sum", "live", None)]
+    assert 0.2 <= live < 5
+    assert samples[("mlxu_event_lag_seconds_bucket", "live", "0.1")] == 0
+    assert samples[("mlxu_event_lag_seconds_bucket", "live", "5.0")] == 1

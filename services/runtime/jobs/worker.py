@@ -54,6 +54,7 @@ from services.runtime.jobs.protocol import (
 )
 from services.runtime.jobs.scalars import ScalarLog
 from services.runtime.jobs.store import JobState, JobStore
+from services.runtime.jobs.tracking import FAILED, FINISHED, KILLED, RunInfo, Tracking
 from services.runtime.settings import Settings
 
 # What a collective raises when another rank of the group is gone (ring, JACCL, MPI, NCCL).
@@ -158,11 +159,17 @@ class _Recorder:
     """Turns JobContext callbacks into events (rank 0 only)."""
 
     def __init__(
-        self, store: JobStore, job_id: str, metrics: dict[str, float], scalars: ScalarLog
+        self,
+        store: JobStore,
+        job_id: str,
+        metrics: dict[str, float],
+        scalars: ScalarLog,
+        tracking: Tracking | None = None,
     ) -> None:
         self.store = store
         self.job_id = job_id
         self.scalars = scalars  # the same metrics as TensorBoard event files
+        self.tracking = tracking or Tracking([])  # and as MLflow / W&B runs, when configured
         # Job metrics keep the latest value of each name: val_loss survives train-only reports.
         self.metrics = dict(metrics)
         self.t0 = time.monotonic()
@@ -205,6 +212,7 @@ class _Recorder:
         }
         self._append("progress", payload, updates)
         self.scalars.add(int(r.step), metrics)
+        self.tracking.log(int(r.step), metrics)
 
     def checkpoint(self, info: CheckpointInfo) -> None:
         payload = checkpoint_payload(info, self.job_id)
@@ -212,6 +220,10 @@ class _Recorder:
 
     def log(self, text: str, level: str = "info") -> None:
         self._append("log", {"level": level, "text": text})
+
+    def close(self, state: str, checkpoint: str | None = None) -> None:
+        self.scalars.close()
+        self.tracking.finish(state, checkpoint)
 
 
 def run_job(store: JobStore, job_id: str, stop: StopFlag) -> int:
@@ -278,9 +290,11 @@ def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metr
     output_dir.mkdir(parents=True, exist_ok=True)
     resume_from = Path(spec.resume_from) if spec.resume_from else None
 
-    def status(code: int, kind: str, reason: str = "") -> int:
-        if rec is not None:
-            rec.scalars.close()
+    def status(
+        code: int, kind: str, reason: str = "", state: str = "", checkpoint: str | None = None
+    ) -> int:
+        if rec is not None:  # the tracked run ends as the job did on this attempt
+            rec.close(state or {"ok": FINISHED, "error": FAILED}.get(kind, KILLED), checkpoint)
         if group is not None:
             write_rank_status(
                 output_dir,
@@ -304,7 +318,10 @@ def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metr
     )
     rec = None
     if rank == 0 and store is not None:
-        rec = _Recorder(store, job_id, metrics, ScalarLog(output_dir, resume_from))
+        job = store.get(job_id)
+        info = RunInfo(job_id, job.kind, spec.entry, spec.config, output_dir, job.labels)
+        tracking = Tracking.start(info)
+        rec = _Recorder(store, job_id, metrics, ScalarLog(output_dir, resume_from), tracking)
     if rec is not None:
         ctx.report, ctx.checkpoint_written, ctx.log = rec.report, rec.checkpoint, rec.log
         start = f"resuming from {resume_from}" if resume_from else "starting (nothing to resume)"
@@ -344,7 +361,9 @@ def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metr
         if done is None and result is not None and store.get(job_id).state == JobState.CANCELLED:
             withdraw_result(Path(result.path), output_dir)
         log.info("job_done", recorded=done is not None)
-    return status(EXIT_OK, "ok")
+        if done is None:  # a cancel won: no result to point at
+            return status(EXIT_OK, "ok", state=KILLED)
+    return status(EXIT_OK, "ok", checkpoint=str(result.path) if result is not None else None)
 
 
 def withdraw_result(path: Path, output_dir: Path) -> None:
