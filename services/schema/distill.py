@@ -77,11 +77,6 @@ class TeacherSettings(DictConfig):
             v.check(bool(self.model.model), field_path(prefix, "model.model"), "is required")
             return
         v.check(
-            b.kind == "openai" or bool(b.model or self.model.model),
-            field_path(prefix, "model.model"),
-            "is required for a grpc teacher (or remote.model): the server loads it",
-        )
-        v.check(
             not self.quantize_bits,
             field_path(prefix, "quantize_bits"),
             "applies to local teachers only; a remote server loads its model as it is",
