@@ -6,8 +6,10 @@ the local teacher and the top-k cache of the same k: it is the same teacher comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +228,80 @@ def test_openai_teacher_on_mlx_lm_server_matches_local_cache(models, mlx_lm_serv
     # Same teacher, same k: only the rest mass differs (1 - sum of the top-k, in float32)
     # and the server's incremental (prompt-cached) forward.
     assert rel < 1e-3, (la, lb)
+
+
+@pytest.fixture
+def in_process_teacher(serve, models):
+    """The standalone GenerationService in this process (its own loop thread)."""
+    from services.runtime.rpc import generation_server
+
+    def make(**kw: object):
+        return serve("generation", generation_server.register, roots=(models["root"],), **kw)
+
+    return make
+
+
+def test_resumed_job_keeps_its_remote_teacher(models, in_process_teacher, tmp_path):
+    """The backend is part of the stored spec: a job resumed from its checkpoint (as after a
+    kill -9 of its worker) scores with the same remote teacher and ends where an
+    uninterrupted job ends."""
+    from services.runtime import checkpoints
+    from services.runtime.contract import Interrupted
+
+    srv = in_process_teacher()
+    teacher = {"model": {"model": str(models["teacher"])}, "remote": {"address": srv.address}}
+    cfg = config(models, teacher, teacher_cache={"top_k": 8})
+    cfg["loop"] = {**cfg["loop"], "max_steps": 6, "steps_per_checkpoint": 3, "steps_per_eval": -1}
+    full = run(cfg, tmp_path / "a")
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    part: list = []
+    ctx = JobContext(job_id="kd-r", output_dir=tmp_path / "b", report=part.append)
+    with pytest.raises(Interrupted):
+        kd.run(cfg, dataclasses.replace(ctx, should_stop=stop))
+    resume = checkpoints.latest(tmp_path / "b")
+    assert resume is not None
+    kd.run(cfg, dataclasses.replace(ctx, resume_from=resume))
+    assert part[-1].metrics["train_loss"] == pytest.approx(full[-1]["train_loss"], rel=1e-5)
+
+
+def test_grpc_teacher_over_tls(models, in_process_teacher, tmp_path):
+    """A server with a certificate; the teacher verifies it with remote.tls_ca."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    srv = in_process_teacher(tls_cert=str(cert), tls_key=str(key))
+    from services.distillation.trainers import teacher_backends, teachers
+    from services.schema.common import RemoteSettings
+
+    def backend(**r: object) -> teacher_backends.GrpcBackend:
+        s = RemoteSettings.from_dict(
+            {
+                "address": f"localhost:{srv.port}",
+                "timeout_seconds": 5,
+                "retry_deadline_seconds": 1,
+                **r,
+            }
+        )
+        return teacher_backends.GrpcBackend(s, str(models["teacher"]), "", 0)
+
+    b = backend(tls_ca=str(cert))
+    assert b.vocab_size() == 512
+    sig = teachers.signature_from_dir(models["student"])
+    assert sig is not None and b.same_tokenizer(sig)
+    b.close()
+    plain = backend()  # no TLS against a TLS server: unreachable, then the reason
+    with pytest.raises(remote.RemoteUnavailable):
+        plain.vocab_size()
+    plain.close()
