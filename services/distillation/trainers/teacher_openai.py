@@ -21,6 +21,7 @@ shared vocabulary are folded into it.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ from services.schema.common import RemoteSettings
 PROBE = "The quick brown fox jumps over the lazy dog. 0123456789"
 PREFIX_MAX_TOP_K = 10  # mlx_lm.server accepts top_logprobs <= 11; OpenAI's own limit is 20
 ECHO_MAX_TOP_K = 20  # vLLM's default max_logprobs
+MEMO_PREFIXES = 200_000  # remembered prefixes (~1 KB each at k = 10)
 
 
 class OpenAIBackend:
@@ -44,6 +46,10 @@ class OpenAIBackend:
         self.what = f"teachers[{index}] {settings.address}"
         self.mode: str | None = None  # "echo" | "prefix", found on first use
         self.requests = 0
+        # prefix -> its top-k (prefix mode): a prefix shared by rows (a system prompt) or
+        # seen in an earlier batch is not asked again; and the prompts the server has cached.
+        self.memo: OrderedDict[tuple[int, ...], dict[int, float]] = OrderedDict()
+        self.cached: OrderedDict[tuple[int, ...], None] = OrderedDict()
 
     @property
     def max_top_k(self) -> int:
@@ -117,7 +123,7 @@ class OpenAIBackend:
     def topk(self, seqs: Sequence[np.ndarray], k: int, vocab: int) -> list:
         if self._mode() == "echo":
             return [self._echo(s, k, vocab) for s in seqs]
-        return [self._prefixes(s, k, vocab) for s in seqs]
+        return self._prefixes_all(seqs, k, vocab)
 
     def _echo(self, seq: np.ndarray, k: int, vocab: int) -> tuple:
         body = {
@@ -131,23 +137,50 @@ class OpenAIBackend:
         rows = [{_token_id(t): v for t, v in (d or {}).items()} for d in lp[1 : len(seq) + 1]]
         return _buckets(rows, k, vocab)
 
-    def _prefixes(self, seq: np.ndarray, k: int, vocab: int) -> tuple:
-        ids = seq.tolist()
-        rows = []
-        for j in range(len(ids)):
-            text = self._text(ids[: j + 1])
-            r = self._post(
-                {
-                    "prompt": text,
-                    "max_tokens": 1,
-                    "temperature": 0.0,
-                    "logprobs": True,
-                    "top_logprobs": k,
-                }
-            )
-            content = r["choices"][0]["logprobs"]["content"][0]
-            rows.append({int(t["id"]): float(t["logprob"]) for t in content["top_logprobs"]})
-        return _buckets(rows, k, vocab)
+    def _prefixes_all(self, seqs: Sequence[np.ndarray], k: int, vocab: int) -> list:
+        """Every distinct prefix of the call once, longest first (a remembered one not at
+        all). Longest first, each request finds a longer cached prompt on the server and
+        prefills one token; and no request can equal a prompt the server cached earlier in
+        the call (mlx_lm.server's generation thread dies on such an exact hit: it caches
+        prompt + generated token and then has nothing left to prefill)."""
+        wanted = {tuple(q[: j + 1].tolist()) for q in seqs for j in range(len(q))}
+        for p in sorted((p for p in wanted if p not in self.memo), key=len, reverse=True):
+            self.memo[p] = self._one(list(p), k)
+        while len(self.memo) > MEMO_PREFIXES:
+            self.memo.popitem(last=False)
+        return [
+            _buckets([self.memo[tuple(q[: j + 1].tolist())] for j in range(len(q))], k, vocab)
+            for q in seqs
+        ]
+
+    def _one(self, prefix: list[int], k: int) -> dict[int, float]:
+        body = {
+            "prompt": self._text(prefix),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": k,
+        }
+        if tuple(prefix) in self.cached:
+            # The server may hold exactly this prompt (an earlier call's prompt + its greedy
+            # token): asked with a seed, mlx_lm.server serves it outside its batch loop,
+            # where an exact hit fails this request only, not the server.
+            try:
+                self.requests += 1
+                r = remote.post_json(self.settings, "completions", {"seed": 0, **body})
+            except Exception as e:  # noqa: BLE001 - named in the reason
+                raise remote.RemoteRejected(
+                    f"{self.what}: the server failed on a prompt it had cached exactly "
+                    f"({remote.describe(e)}); restart mlx_lm.server with "
+                    "--prompt-cache-size 0, or use kind grpc"
+                ) from e
+        else:
+            r = self._post(body)
+        content = r["choices"][0]["logprobs"]["content"][0]
+        self.cached[(*prefix, int(content["id"]))] = None
+        while len(self.cached) > MEMO_PREFIXES:
+            self.cached.popitem(last=False)
+        return {int(t["id"]): float(t["logprob"]) for t in content["top_logprobs"]}
 
     def _text(self, prefix: list[int]) -> str:
         """Text that the server's tokenizer (= ours) encodes to exactly ``prefix``."""
