@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 
 from services.distillation import validate as V
@@ -305,3 +306,63 @@ def test_grpc_teacher_over_tls(models, in_process_teacher, tmp_path):
     with pytest.raises(remote.RemoteUnavailable):
         plain.vocab_size()
     plain.close()
+
+
+def _proto_spec(m: dict, remote_backend) -> object:  # noqa: ANN001
+    from mlx_unified.v1 import common_pb2, distillation_pb2
+
+    return distillation_pb2.DistillationSpec(
+        teachers=[
+            distillation_pb2.Teacher(
+                model=common_pb2.ModelRef(model=str(m["teacher"])), remote=remote_backend
+            )
+        ],
+        student=common_pb2.ModelRef(model=str(m["student"])),
+        dataset=common_pb2.DatasetRef(path=str(m["data"])),
+        method=common_pb2.FINETUNE_METHOD_FULL,
+        optimizer=common_pb2.OptimizerConfig(learning_rate=2e-3),
+        loop=common_pb2.LoopConfig(
+            batch_size=3, max_steps=3, steps_per_report=1, steps_per_eval=-1, max_seq_length=48
+        ),
+        alpha=0.9,
+        teacher_cache=distillation_pb2.TeacherCacheConfig(top_k=8),
+    )
+
+
+def test_distillation_service_job_with_remote_teacher(models, generation_server, serve):
+    """StartDistillation on the real service: its worker process reads the key from the
+    service's environment and scores with the generation server; a dead teacher fails the
+    job with the reason; validate_only (the orchestrator's precheck) asks the server."""
+    from mlx_unified.v1 import common_pb2, distillation_pb2, distillation_pb2_grpc
+    from tests.integration.helpers import Stubs, violations
+
+    srv = serve("distillation", roots=(models["root"],))
+    stubs = Stubs(srv.address)
+    stub = distillation_pb2_grpc.DistillationServiceStub(stubs.channel)
+    try:
+        good = common_pb2.RemoteBackend(address=generation_server.address, api_key_env=KEY_ENV)
+        job = stub.StartDistillation(
+            distillation_pb2.StartDistillationRequest(spec=_proto_spec(models, good)), timeout=60
+        ).job
+        final, _events = stubs.wait(job.job_id, timeout=120)
+        assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+
+        dead = common_pb2.RemoteBackend(
+            address=f"127.0.0.1:{free_port()}", retry_deadline_seconds=1, timeout_seconds=1
+        )
+        job = stub.StartDistillation(
+            distillation_pb2.StartDistillationRequest(spec=_proto_spec(models, dead)), timeout=60
+        ).job
+        final, _ = stubs.wait(job.job_id, timeout=120)
+        assert final.state == common_pb2.JOB_STATE_FAILED
+        assert "RemoteUnavailable" in final.error and "unreachable for 1 s" in final.error
+
+        wrong = _proto_spec(models, good)
+        wrong.teachers[0].model.model = str(models["other"])
+        req = distillation_pb2.StartDistillationRequest(spec=wrong, validate_only=True)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.StartDistillation(req, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "different tokenizer" in violations(e.value)["spec.teachers[0].model"]
+    finally:
+        stubs.close()
