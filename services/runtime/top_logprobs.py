@@ -74,16 +74,26 @@ def buckets(logits: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
 
 
 def check_request(
-    seqs: Sequence[Sequence[int]], k: int, vocab: int, max_tokens: int, max_items: int
+    seqs: Sequence[Sequence[int]],
+    k: int,
+    vocab: int,
+    max_tokens: int,
+    max_items: int,
+    vocab_limit: int = 0,
 ) -> None:
+    """``vocab``: the model's width (ids must be below it); top_k must fit the vocabulary the
+    distribution is over (``vocab_limit`` when set)."""
+    if vocab_limit < 0:
+        raise InvalidArgument.one("vocab_limit", "must be >= 0 (0 = the whole vocabulary)")
+    over = min(vocab_limit, vocab) if vocab_limit else vocab
     if not seqs:
         raise InvalidArgument.one("sequences", "must not be empty")
     if len(seqs) > max_items:
         raise InvalidArgument.one(
             "sequences", f"{len(seqs)} sequences; at most {max_items} (MLXU_SCORE_MAX_ITEMS)"
         )
-    if not 1 <= k <= min(MAX_TOP_K, vocab):
-        raise InvalidArgument.one("top_k", f"must be in [1, {min(MAX_TOP_K, vocab)}]")
+    if not 1 <= k <= min(MAX_TOP_K, over):
+        raise InvalidArgument.one("top_k", f"must be in [1, {min(MAX_TOP_K, over)}]")
     for i, s in enumerate(seqs):
         if not s:
             raise InvalidArgument.one(f"sequences[{i}].token_ids", "is empty")
@@ -116,8 +126,8 @@ def top_logprobs(
     with cache.lock:
         model, _tok = cache.get(path, adapter)
         width = output_width(model)
+        check_request(seqs, k, width, max_tokens, max_items, vocab_limit)
         vocab = min(vocab_limit, width) if vocab_limit > 0 else width
-        check_request(seqs, k, width, max_tokens, max_items)
         out: list[TopK | None] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         start = 0
