@@ -366,3 +366,42 @@ def test_distillation_service_job_with_remote_teacher(models, generation_server,
         assert "different tokenizer" in violations(e.value)["spec.teachers[0].model"]
     finally:
         stubs.close()
+
+
+def test_kill9_worker_resumes_with_its_remote_teacher(models, generation_server, serve):
+    """kill -9 of the job's worker mid-run: the service restarts it from the last
+    checkpoint, with the remote teacher of the stored spec, and it ends where an
+    uninterrupted job with that teacher ends."""
+    from mlx_unified.v1 import common_pb2, distillation_pb2, distillation_pb2_grpc
+    from tests.integration.helpers import Stubs, losses
+    from tests.integration.test_resume import run_until_checkpoint, worker_pids
+
+    srv = serve("distillation", roots=(models["root"],))
+    stubs = Stubs(srv.address)
+    stub = distillation_pb2_grpc.DistillationServiceStub(stubs.channel)
+
+    def start(name: str) -> str:
+        backend = common_pb2.RemoteBackend(address=generation_server.address, api_key_env=KEY_ENV)
+        s = _proto_spec(models, backend)
+        s.loop.max_steps, s.loop.steps_per_checkpoint, s.output_name = 24, 8, name
+        req = distillation_pb2.StartDistillationRequest(spec=s)
+        return stub.StartDistillation(req, timeout=60).job.job_id
+
+    try:
+        ref, ref_events = stubs.wait(start("reference"), timeout=180)
+        assert ref.state == common_pb2.JOB_STATE_SUCCEEDED, ref.error
+        job_id = start("killed")
+        run_until_checkpoint(stubs, job_id)
+        pids = worker_pids(job_id)
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        final, events = stubs.wait(job_id, timeout=180)
+        assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+        assert final.attempts == 2
+        logs = [e.log.text for e in events if e.WhichOneof("payload") == "log"]
+        assert any("resuming from" in t for t in logs), logs
+        want, got = dict(losses(ref_events)), dict(losses(events))
+        assert got[24] == pytest.approx(want[24], rel=1e-4)
+    finally:
+        stubs.close()
