@@ -18,8 +18,12 @@ from clients.cli_common import eprint
 from clients.client import DEFAULT_PORTS, SERVICES, TLS, health_status
 from clients.client_connection import GATEWAY_PORT
 
+GENERATION_PORT = 8800  # services/runtime/settings.py GENERATION_PORT
+
 GATEWAY = "gateway"  # the HTTP/JSON gateway (services/gateway): started after the services
-SERVABLE = (*SERVICES, GATEWAY)
+# GenerationService alone (docs/remote.md): not started by `mlxu up` unless named.
+GENERATION = "generation"
+SERVABLE = (*SERVICES, GATEWAY, GENERATION)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -52,14 +56,16 @@ def _up_address(service: str, host: str | None) -> str:
     host = host or os.environ.get("MLXU_HOST") or "127.0.0.1"
     if host in ("0.0.0.0", "::", "[::]", ""):
         host = "127.0.0.1"
-    default = GATEWAY_PORT if service == GATEWAY else DEFAULT_PORTS[service]
+    default = {GATEWAY: GATEWAY_PORT, GENERATION: GENERATION_PORT}.get(service) or DEFAULT_PORTS[
+        service
+    ]
     port = os.environ.get(f"MLXU_{service.upper()}_PORT") or default
     return f"{host}:{port}"
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the services as child processes, wait until healthy, stop them on Ctrl-C/SIGTERM."""
-    names = args.services.split(",") if args.services else list(SERVABLE)
+    names = args.services.split(",") if args.services else [*SERVICES, GATEWAY]
     for n in names:
         if n not in SERVABLE:
             raise config.ConfigError("--services", f"unknown service {n!r}")

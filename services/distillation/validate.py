@@ -24,7 +24,7 @@ from services.distillation.trainers.teachers import (
     route_rows,
     signature_from_dir,
 )
-from services.runtime.errors import InvalidArgument, Violations
+from services.runtime.errors import InvalidArgument, NotFound, Violations
 from services.schema.common import FINETUNE_METHODS
 from services.schema.distill import DistillSettings
 
@@ -103,6 +103,7 @@ def parse(config: dict, *, validated: bool = False) -> DistillConfig:
                 weight=x.weight,
                 route_value=x.route_value,
                 quantize_bits=x.quantize_bits,
+                remote=x.backend if x.backend.enabled else None,
             )
             for x in s.teachers
         ),
@@ -177,10 +178,14 @@ def check_files(c: DistillConfig, v: Violations) -> None:
     ref = c.teachers[0].model if si.enabled else c.student
     student_sig = signature_from_dir(ref) if ref else None
     if student_sig is not None:
+        local = [None if t.remote else signature_from_dir(t.model) for t in c.teachers]
         try:
-            check_tokenizers(student_sig, [signature_from_dir(t.model) for t in c.teachers])
+            check_tokenizers(student_sig, local)
         except InvalidArgument as e:
             v.items.extend(e.violations)
+        for i, t in enumerate(c.teachers):
+            if t.remote is not None:
+                probe_remote(t, i, student_sig, v)
 
     if c.route_field:
         try:
@@ -188,6 +193,39 @@ def check_files(c: DistillConfig, v: Violations) -> None:
                 route_rows(rows, c.route_field, c.teachers, f)
         except InvalidArgument as e:
             v.items.extend(e.violations)
+
+
+def probe_remote(t: TeacherSpec, i: int, student_sig: dict, v: Violations) -> None:
+    """Ask a remote teacher, once and briefly, whether it serves the named model with the
+    student's tokenizer. An unreachable server is not a violation (it may come up before the
+    job starts; the job retries and checks again), a wrong model or tokenizer is."""
+    import dataclasses
+
+    from services.distillation.trainers.teacher_backends import TOKENIZER_MISMATCH, open_backend
+    from services.runtime import remote
+
+    assert t.remote is not None
+    if t.remote.kind == "openai":
+        return  # needs the student's tokenizer loaded: checked when the job starts
+    quick = dataclasses.replace(
+        t.remote, timeout_seconds=min(t.remote.timeout_seconds, 5.0), retry_deadline_seconds=0.01
+    )
+    backend = None
+    try:
+        backend = open_backend(dataclasses.replace(t, remote=quick), i, "float32", student_sig)
+        if not backend.same_tokenizer(student_sig):
+            v.add(f"spec.teachers[{i}].model", TOKENIZER_MISMATCH.format(i=i))
+    except InvalidArgument as e:
+        v.items.extend(e.violations)
+    except NotFound as e:
+        v.add(f"spec.teachers[{i}].model", str(e))
+    except remote.RemoteRejected as e:  # it answered, and refused (e.g. UNAUTHENTICATED)
+        v.add(f"spec.teachers[{i}].remote", str(e))
+    except remote.RemoteUnavailable:
+        pass  # checked again when the job starts, with retries
+    finally:
+        if backend is not None:
+            backend.close()
 
 
 def dataset_rows(ds: dict) -> list[tuple[list[dict], str]]:

@@ -25,6 +25,8 @@ from pathlib import Path
 PORTS = {"orchestrator": 8600, "distillation": 8300, "rlhf": 8400, "training": 8500}
 # The HTTP/JSON gateway (services/gateway): not a gRPC service, so not in PORTS.
 GATEWAY_PORT = 8700
+# The standalone GenerationService (`mlxu serve generation`: a remote teacher server).
+GENERATION_PORT = 8800
 
 
 def _env_int(name: str, default: int) -> int:
@@ -127,7 +129,9 @@ class Settings:
             service=service,
             home=home,
             host=os.environ.get("MLXU_HOST", "127.0.0.1"),
-            port=int(env_port) if env_port else {**PORTS, "gateway": GATEWAY_PORT}.get(service, 0),
+            port=int(env_port)
+            if env_port
+            else {**PORTS, "gateway": GATEWAY_PORT, "generation": GENERATION_PORT}.get(service, 0),
             api_keys=_keys_from_env(),
             allowed_roots=_roots_from_env(home),
             max_attempts=int(os.environ.get("MLXU_MAX_ATTEMPTS", "3")),

@@ -72,13 +72,14 @@ class TeacherSettings(DictConfig):
         )
         if self.endpoint:
             self.backend.check(v, field_path(prefix, "endpoint"))
-        if not self.backend.enabled:
+        b = self.backend
+        if not b.enabled:
             v.check(bool(self.model.model), field_path(prefix, "model.model"), "is required")
             return
         v.check(
-            False,
-            field_path(prefix, "remote"),
-            "remote teachers are not supported by the trainer yet; give a local model",
+            not self.quantize_bits,
+            field_path(prefix, "quantize_bits"),
+            "applies to local teachers only; a remote server loads its model as it is",
         )
 
 
@@ -224,9 +225,35 @@ class DistillSettings(DictConfig):
             "is required (or set spec.student_init to build one from teachers[0])",
         )
         v.check(bool(self.dataset.path), f"{p}dataset.path", "is required")
+        _remote_rules(self, v, p)
         v.check(
             not (self.teacher_cache.enabled and self.features.enabled),
             f"{p}teacher_cache.enabled",
             "cannot be combined with spec.features: feature matching needs the teachers' "
             "hidden states every step",
         )
+
+
+def _remote_rules(s: DistillSettings, v: Violations, p: str) -> None:
+    """A remote teacher returns top-k log-probs only: no hidden states (features), no
+    layers to copy (student_init), no full distribution to mix with another teacher."""
+    remote = [i for i, t in enumerate(s.teachers) if t.backend.enabled]
+    if not remote:
+        return
+    v.check(
+        not (s.features.enabled and 0 in remote),
+        f"{p}features.enabled",
+        "feature matching needs teachers[0]'s hidden states; a remote teacher returns "
+        "top-k log-probabilities only",
+    )
+    v.check(
+        not (s.student_init.enabled and 0 in remote),
+        f"{p}student_init",
+        "builds the student from teachers[0]'s layers, which must be a local model",
+    )
+    v.check(
+        len(s.teachers) == 1 or bool(s.route_field),
+        f"{p}teachers[{remote[0]}].remote",
+        "a remote teacher cannot be part of a mixture (its top-k cannot be mixed exactly): "
+        "use one teacher, or route rows to teachers with spec.route_field",
+    )

@@ -97,6 +97,12 @@ def for_method(name: str, p: Pools) -> list[Message]:
                 model=model, items=[gpb.PromptCompletion(prompt="a b", completion=" c")]
             )
         ],
+        "GenerationService.TopLogprobs": [
+            gpb.TopLogprobsRequest(
+                model=model, sequences=[gpb.TokenSequence(token_ids=[5, 9, 31])], top_k=4
+            )
+        ],
+        "GenerationService.DescribeModel": [gpb.DescribeModelRequest(model=model)],
         "RLHFService.StartRewardModel": [
             rpb.StartRewardModelRequest(
                 spec=rpb.RewardModelSpec(model=model, dataset=prefs, loop=_loop())

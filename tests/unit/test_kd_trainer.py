@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from services.distillation import validate as V
-from services.distillation.trainers import kd, losses, student, teachers
+from services.distillation.trainers import kd, losses, student, teacher_backends, teachers
 from services.runtime import checkpoints
 from services.runtime.contract import Interrupted, JobContext
 from services.runtime.errors import InvalidArgument
@@ -281,8 +281,9 @@ def test_teacher_cache_matches_full_loss_for_large_k(env, tmp_path) -> None:
         full = kd.make_loss_fn(c, [t], 512, [], cached=False)(model, batch)[2]["kd_loss"].item()
         errs = {}
         for k in (512, 256, 8):
+            score = teacher_backends.TopKScorer([teacher_backends.LocalBackend(t)], 512, k)
             cache = teachers.TeacherCache.open_or_build(
-                tmp_path / kind, f"k{k}", [t], c.teachers, w, None, items, k=k, vocab=512
+                tmp_path / kind, f"k{k}", score, c.teachers, w, None, items, k=k, vocab=512
             )
             b = {**batch, **cache.lookup([0, 1], 12)}
             got = kd.make_loss_fn(c, [], 512, [], cached=True)(model, b)[2]["kd_loss"].item()
@@ -291,7 +292,7 @@ def test_teacher_cache_matches_full_loss_for_large_k(env, tmp_path) -> None:
         assert errs[512] < 1e-4 and errs[256] < 0.05 and errs[8] > errs[256], (kind, errs)
     # Reopening with the same inputs reuses the file; other rows rebuild it.
     again = teachers.TeacherCache.open_or_build(
-        tmp_path / "forward_kl", "k8", [], c.teachers, w, None, items, k=8, vocab=512
+        tmp_path / "forward_kl", "k8", None, c.teachers, w, None, items, k=8, vocab=512
     )
     assert again.k == 8 and again.offsets.tolist() == [0, 8, 20]
 

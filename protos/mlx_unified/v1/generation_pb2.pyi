@@ -112,3 +112,65 @@ class CompletionScore(_message.Message):
     num_tokens: int
     token_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, sum_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ..., token_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TokenSequence(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TopLogprobsRequest(_message.Message):
+    __slots__ = ("model", "sequences", "top_k", "vocab_limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
+    top_k: int
+    vocab_limit: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., vocab_limit: _Optional[int] = ...) -> None: ...
+
+class SequenceTopLogprobs(_message.Message):
+    __slots__ = ("positions", "token_ids", "logprobs", "rest_logprob")
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    positions: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    rest_logprob: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, positions: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., rest_logprob: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TopLogprobsResponse(_message.Message):
+    __slots__ = ("results", "vocab_size", "top_k")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SequenceTopLogprobs]
+    vocab_size: int
+    top_k: int
+    def __init__(self, results: _Optional[_Iterable[_Union[SequenceTopLogprobs, _Mapping]]] = ..., vocab_size: _Optional[int] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class DescribeModelRequest(_message.Message):
+    __slots__ = ("model", "include_tokenizer")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    include_tokenizer: bool
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., include_tokenizer: _Optional[bool] = ...) -> None: ...
+
+class DescribeModelResponse(_message.Message):
+    __slots__ = ("tokenizer_fingerprint", "vocab_size", "tokenizer_json", "num_layers", "hidden_size")
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    tokenizer_fingerprint: str
+    vocab_size: int
+    tokenizer_json: str
+    num_layers: int
+    hidden_size: int
+    def __init__(self, tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ...) -> None: ...

@@ -48,6 +48,16 @@ class GenerationServiceStub:
                 request_serializer=mlx__unified_dot_v1_dot_generation__pb2.ScoreCompletionsRequest.SerializeToString,
                 response_deserializer=mlx__unified_dot_v1_dot_generation__pb2.ScoreCompletionsResponse.FromString,
                 _registered_method=True)
+        self.TopLogprobs = channel.unary_unary(
+                '/mlx_unified.v1.GenerationService/TopLogprobs',
+                request_serializer=mlx__unified_dot_v1_dot_generation__pb2.TopLogprobsRequest.SerializeToString,
+                response_deserializer=mlx__unified_dot_v1_dot_generation__pb2.TopLogprobsResponse.FromString,
+                _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/mlx_unified.v1.GenerationService/DescribeModel',
+                request_serializer=mlx__unified_dot_v1_dot_generation__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=mlx__unified_dot_v1_dot_generation__pb2.DescribeModelResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -78,6 +88,26 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TopLogprobs(self, request, context):
+        """The model's top-k next-token log-probabilities at every position of given token
+        sequences (a remote distillation teacher; docs/remote.md). Batched: many sequences
+        per call. Errors: INVALID_ARGUMENT (no sequences, more than `MLXU_SCORE_MAX_ITEMS`,
+        an empty sequence, one over `MLXU_GENERATE_MAX_PROMPT_TOKENS`, a token id outside the
+        vocabulary, top_k out of range); otherwise as Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeModel(self, request, context):
+        """What a client must know before it sends token ids: the model's tokenizer (a
+        fingerprint, and on request the tokenizer.json itself) and its output width.
+        Errors: INVALID_ARGUMENT / NOT_FOUND (model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +120,16 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.ScoreCompletions,
                     request_deserializer=mlx__unified_dot_v1_dot_generation__pb2.ScoreCompletionsRequest.FromString,
                     response_serializer=mlx__unified_dot_v1_dot_generation__pb2.ScoreCompletionsResponse.SerializeToString,
+            ),
+            'TopLogprobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.TopLogprobs,
+                    request_deserializer=mlx__unified_dot_v1_dot_generation__pb2.TopLogprobsRequest.FromString,
+                    response_serializer=mlx__unified_dot_v1_dot_generation__pb2.TopLogprobsResponse.SerializeToString,
+            ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=mlx__unified_dot_v1_dot_generation__pb2.DescribeModelRequest.FromString,
+                    response_serializer=mlx__unified_dot_v1_dot_generation__pb2.DescribeModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -150,6 +190,60 @@ class GenerationService:
             '/mlx_unified.v1.GenerationService/ScoreCompletions',
             mlx__unified_dot_v1_dot_generation__pb2.ScoreCompletionsRequest.SerializeToString,
             mlx__unified_dot_v1_dot_generation__pb2.ScoreCompletionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TopLogprobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlx_unified.v1.GenerationService/TopLogprobs',
+            mlx__unified_dot_v1_dot_generation__pb2.TopLogprobsRequest.SerializeToString,
+            mlx__unified_dot_v1_dot_generation__pb2.TopLogprobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlx_unified.v1.GenerationService/DescribeModel',
+            mlx__unified_dot_v1_dot_generation__pb2.DescribeModelRequest.SerializeToString,
+            mlx__unified_dot_v1_dot_generation__pb2.DescribeModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

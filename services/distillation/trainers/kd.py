@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_unflatten
 
 from services.distillation import validate as validation
-from services.distillation.trainers import student, teachers
+from services.distillation.trainers import student, teacher_backends, teachers
 from services.distillation.trainers.kd_loss import finish_metrics, make_loss_fn
 from services.distillation.trainers.kd_stream import IndexedBatches, KDStream, StreamParts
 from services.runtime import adapters, checkpoints, datasets, models
@@ -90,7 +90,7 @@ def _student(c, ctx: JobContext, dtype: str) -> tuple[str, Any, Any]:
     return path, model, tokenizer
 
 
-def _caches(c, ctx, data, ts, weights, routes, vocab) -> dict:
+def _caches(c, ctx, data, scorer, weights, routes, vocab) -> dict:
     caches: dict[str, teachers.TeacherCache | None] = {"train": None, "valid": None}
     if not c.cache.enabled:
         return caches
@@ -100,19 +100,19 @@ def _caches(c, ctx, data, ts, weights, routes, vocab) -> dict:
             caches[split] = teachers.TeacherCache.open_or_build(
                 Path(ctx.output_dir) / teachers.CACHE_DIR,
                 split,
-                ts,
+                scorer,
                 c.teachers,
                 weights,
                 route,
                 [t.tokens for t in items],
-                k=min(c.cache.top_k, vocab),
+                k=scorer.k,
                 vocab=vocab,
                 log=ctx.log,
             )
     return caches
 
 
-def _streams(c, loop, data, model, tokenizer, ts, weights, routes, caches, vocab):
+def _streams(c, loop, data, model, tokenizer, scorer, weights, routes, caches, vocab):
     """The train stream (on-policy swaps, temperature schedule, cache) and the valid one."""
     world = mx.distributed.init()
     common = {
@@ -131,8 +131,8 @@ def _streams(c, loop, data, model, tokenizer, ts, weights, routes, caches, vocab
         loop.grad_accumulation_steps,
         caches["train"],
         vocab,
-        min(c.cache.top_k, vocab),
-        ts,
+        scorer.k if scorer is not None else 0,
+        scorer,
     )
     policy = None
     if c.on_policy.fraction > 0:
@@ -163,12 +163,21 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     world = mx.distributed.init()
     mx.random.seed(loop.seed)  # LoRA and projection init: the same in every attempt of the job
 
-    ts = [teachers.load_teacher(s, i, loop.dtype) for i, s in enumerate(c.teachers)]
     path, model, tokenizer = _student(c, ctx, loop.dtype)
+    backends = [
+        teacher_backends.open_backend(s, i, loop.dtype, tokenizer) for i, s in enumerate(c.teachers)
+    ]
+    ts = [b.teacher for b in backends if isinstance(b, teacher_backends.LocalBackend)]
     blockwise = student.blockwise_ok(model)  # before adapters: dropout would blur the probe
-    sig = teachers.tokenizer_signature(tokenizer)
-    teachers.check_tokenizers(sig, [teachers.tokenizer_signature(t.tokenizer) for t in ts])
-    vocab = min(teachers.output_vocab(m) for m in [model, *(t.model for t in ts)])
+    teacher_backends.check_tokenizers(backends, teachers.tokenizer_signature(tokenizer))
+    vocab = min([teachers.output_vocab(model), *(b.vocab_size() for b in backends)])
+    # A remote teacher gives top-k log-probs only: the loss runs on them as on the cache.
+    remote = len(ts) < len(backends)
+    topk = c.cache.enabled or remote
+    k = min(c.cache.top_k, vocab, *(b.max_top_k for b in backends))
+    if topk and k < min(c.cache.top_k, vocab):
+        ctx.log(f"teacher top-k: {k} (the most the remote teacher serves), not {c.cache.top_k}")
+    scorer = teacher_backends.TopKScorer(backends, vocab, k) if topk else None
 
     if c.student_adapter and c.method != "full":
         adapter_config = {
@@ -211,11 +220,14 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     )
     weights = teachers.normalized_weights(c.teachers)
 
-    caches = _caches(c, ctx, data, ts, weights, (route_train, route_valid), vocab)
+    caches = _caches(c, ctx, data, scorer, weights, (route_train, route_valid), vocab)
     if caches["train"] is not None and c.on_policy.fraction == 0:
-        ts = []  # the cache replaces the teachers: free their memory
+        ts, scorer = [], None  # the cache replaces the teachers: free their memory
+        for b in backends:
+            b.close()
+        backends = []
     train_stream, valid_stream = _streams(
-        c, loop, data, model, tokenizer, ts, weights, (route_train, route_valid), caches, vocab
+        c, loop, data, model, tokenizer, scorer, weights, (route_train, route_valid), caches, vocab
     )
 
     resolved = {
@@ -230,7 +242,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     model_config = models.model_config(path)
     write = student.writer(model, tokenizer, adapter_config, model_config, with_projections=True)
     artifact = Artifact(kind, write, base_model=path if kind == "adapter" else "", config=resolved)
-    loss_fn = make_loss_fn(c, ts, vocab, pairs, cached=c.cache.enabled, blockwise=blockwise)
+    loss_fn = make_loss_fn(c, ts, vocab, pairs, cached=topk, blockwise=blockwise)
 
     def report(r) -> None:
         ctx.report(dataclasses.replace(r, metrics=finish_metrics(r.metrics, len(c.teachers))))

@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from services.distillation.trainers import losses, student, teachers
+from services.distillation.trainers import losses, student, teacher_backends, teachers
 from services.runtime.data_batches import Batches
 
 
@@ -41,7 +41,9 @@ class StreamParts:
     cache: teachers.TeacherCache | None = None
     vocab: int = 0
     top_k: int = 0
-    teachers: list[teachers.Teacher] = dataclasses.field(default_factory=list)
+    # Scores batches the cache does not hold (on-policy ones; every batch when a remote
+    # teacher runs without the cache). None: the loss runs the local teachers live.
+    scorer: teachers.Scorer | None = None
 
 
 class KDStream:
@@ -97,12 +99,10 @@ class KDStream:
                 fresh = True
         batch["teacher_weights"] = mx.array(teachers.row_weights(p.route, p.weights, rows))
         batch["temperature"] = mx.array(p.temperature.scheduled(step, p.total), mx.float32)
-        if p.cache is not None:
-            if fresh:  # new completions: the teachers score them now, in the cache's format
-                idx, top, rest = teachers.combined_topk(
-                    p.teachers, batch["teacher_weights"], batch["inputs"], p.vocab, p.top_k
-                )
-                batch.update(t_idx=mx.array(idx), t_top=mx.array(top), t_rest=mx.array(rest))
-            else:
-                batch.update(p.cache.lookup(rows, batch["inputs"].shape[1]))
+        if p.cache is not None and not fresh:
+            batch.update(p.cache.lookup(rows, batch["inputs"].shape[1]))
+        elif p.scorer is not None:  # scored now (new completions, or no cache), same format
+            where = teacher_backends.positions_of(batch)
+            idx, top, rest = p.scorer(batch["teacher_weights"], batch["inputs"], where)
+            batch.update(t_idx=mx.array(idx), t_top=mx.array(top), t_rest=mx.array(rest))
         return batch

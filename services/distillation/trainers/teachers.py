@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,17 @@ import numpy as np
 from services.distillation.trainers import losses, student
 from services.runtime.errors import InvalidArgument
 from services.runtime.phases import Phase, duration
+from services.runtime.tokenizer_sig import (  # noqa: F401 - re-exported
+    fingerprint,
+    same_tokenizer,
+    signature_from_dir,
+    tokenizer_signature,
+)
+from services.schema.common import RemoteSettings
 
 CACHE_DIR = "teacher_cache"
+# (row weights [B, N], inputs [B, L], positions to score per row) -> idx, top, rest (numpy)
+Scorer = Callable[[mx.array, mx.array, Sequence[int]], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,16 @@ class TeacherSpec:
     weight: float = 1.0
     route_value: str = ""
     quantize_bits: int = 0
+    remote: RemoteSettings | None = None  # None: loaded here (teacher_backends.py)
+
+    def key_dict(self) -> dict:
+        """What identifies the teacher's outputs (the cache key): a local teacher's fields as
+        before; a remote one adds where it runs and the model it is asked for."""
+        d = {k: v for k, v in self.__dict__.items() if k != "remote"}
+        if self.remote is not None and self.remote.enabled:
+            r = self.remote
+            d["remote"] = {"kind": r.kind, "address": r.address, "model": r.model}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TeacherSpec:
@@ -80,50 +99,6 @@ def _is_quantized(model: nn.Module) -> bool:
 
 
 # --- tokenizers and vocabularies ---------------------------------------------------------------
-
-
-def _signature_from_json(obj: dict) -> dict:
-    model = obj.get("model") or {}
-    vocab = dict(model.get("vocab") or {}) if isinstance(model.get("vocab"), dict) else {}
-    if isinstance(model.get("vocab"), list):  # Unigram: [[piece, score], ...]
-        vocab = {piece[0]: i for i, piece in enumerate(model["vocab"])}
-    for tok in obj.get("added_tokens") or []:
-        vocab[tok["content"]] = int(tok["id"])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    return {"type": model.get("type"), "vocab": vocab, "merges": merges}
-
-
-def tokenizer_signature(tokenizer: Any) -> dict:
-    """Vocabulary (token -> id) and BPE merges of a loaded (mlx-lm wrapped) tokenizer."""
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    backend = getattr(hf, "backend_tokenizer", None)
-    if backend is not None:
-        return _signature_from_json(json.loads(backend.to_str()))
-    return {"type": None, "vocab": dict(hf.get_vocab()), "merges": []}
-
-
-def signature_from_dir(path: str | Path) -> dict | None:
-    """The same from a model directory's tokenizer.json (None when it has none)."""
-    f = Path(path) / "tokenizer.json"
-    if not f.is_file():
-        return None
-    return _signature_from_json(json.loads(f.read_text(encoding="utf-8")))
-
-
-def fingerprint(sig: dict) -> str:
-    blob = json.dumps([sig["type"], sorted(sig["vocab"].items()), sig["merges"]])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def same_tokenizer(a: dict, b: dict) -> bool:
-    """Same tokenizer: identical merges, and every token both know has the same id (one may
-    add tokens after the other's, e.g. a padded or extended vocabulary)."""
-    if a["type"] != b["type"] or a["merges"] != b["merges"]:
-        return False
-    small, big = (
-        (a["vocab"], b["vocab"]) if len(a["vocab"]) <= len(b["vocab"]) else (b["vocab"], a["vocab"])
-    )
-    return all(big.get(tok) == i for tok, i in small.items())
 
 
 def check_tokenizers(student_sig: dict, teacher_sigs: Sequence[dict | None]) -> None:
@@ -268,7 +243,7 @@ class TeacherCache:
         items: Sequence[Sequence[int]],
     ) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([[s.__dict__ for s in specs], k, vocab]).encode())
+        h.update(json.dumps([[s.key_dict() for s in specs], k, vocab]).encode())
         h.update(np.asarray(route if route is not None else [], np.int64).tobytes())
         for toks in items:
             h.update(np.asarray(toks, np.int32).tobytes() + b"|")
@@ -279,7 +254,7 @@ class TeacherCache:
         cls,
         directory: Path,
         split: str,
-        teachers: Sequence[Teacher],
+        score: Scorer | None,
         specs: Sequence[TeacherSpec],
         weights: np.ndarray,
         route: Sequence[int] | None,
@@ -296,7 +271,7 @@ class TeacherCache:
             arrays, meta = mx.load(str(path), return_metadata=True)
             if meta.get("key") == key:
                 return cls(path, {n: np.array(a) for n, a in arrays.items()}, vocab)
-        if not teachers:
+        if score is None:
             raise RuntimeError("teacher cache is stale and no teacher is loaded to rebuild it")
         what = f"caching the teachers' top-{k} of the {split} split"
         phase = Phase(log, what, len(items), "rows")
@@ -309,7 +284,7 @@ class TeacherCache:
             for r, i in enumerate(rows):
                 toks[r, : len(items[i]) - 1] = items[i][:-1]
             w = mx.array(row_weights(route, weights, rows))
-            idx, top, rest = combined_topk(teachers, w, mx.array(toks), vocab, k)
+            idx, top, rest = score(w, mx.array(toks), [len(items[i]) - 1 for i in rows])
             for r, i in enumerate(rows):
                 n = len(items[i]) - 1
                 per_row[i] = (idx[r, :n], top[r, :n], rest[r, :n])

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from grpc import aio
 
 from mlx_unified.v1 import generation_pb2, generation_pb2_grpc
-from services.runtime import generation
+from services.runtime import generation, top_logprobs
 from services.runtime.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from services.runtime.models import resolve_model
 from services.runtime.refs import resolve_adapter
@@ -264,4 +264,62 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 )
                 for t in scores
             ]
+        )
+
+    async def TopLogprobs(
+        self, request: generation_pb2.TopLogprobsRequest, context: aio.ServicerContext
+    ) -> generation_pb2.TopLogprobsResponse:
+        if not request.sequences:
+            raise InvalidArgument.one("sequences", "must not be empty")
+        path, adapter = await self._model(request.model, "model.model")
+        seqs = [list(s.token_ids) for s in request.sequences]
+        k = request.top_k
+        call = CallBudget(context, float(self.limits.generate_max_seconds))
+        await self.admission.acquire()
+
+        def work() -> tuple[list[top_logprobs.TopK], int]:
+            try:
+                return top_logprobs.top_logprobs(
+                    self.cache,
+                    path,
+                    adapter,
+                    seqs,
+                    k,
+                    vocab_limit=request.vocab_limit,
+                    should_stop=call.should_stop,
+                    max_tokens=self.limits.generate_max_prompt_tokens,
+                    max_items=self.limits.score_max_items,
+                )
+            finally:
+                self.admission.release()
+
+        try:
+            results, vocab = await asyncio.to_thread(work)
+        except generation.Stopped as exc:
+            raise call.stopped(exc) from None
+        return generation_pb2.TopLogprobsResponse(
+            results=[
+                generation_pb2.SequenceTopLogprobs(
+                    positions=len(r.rest),
+                    token_ids=r.idx.reshape(-1).tolist(),
+                    logprobs=r.top.reshape(-1).tolist(),
+                    rest_logprob=r.rest.tolist(),
+                )
+                for r in results
+            ],
+            vocab_size=vocab,
+            top_k=k,
+        )
+
+    async def DescribeModel(
+        self, request: generation_pb2.DescribeModelRequest, context: aio.ServicerContext
+    ) -> generation_pb2.DescribeModelResponse:
+        path, adapter = await self._model(request.model, "model.model")
+        info = await asyncio.to_thread(top_logprobs.describe, self.cache, path, adapter)
+        return generation_pb2.DescribeModelResponse(
+            tokenizer_fingerprint=info.fingerprint,
+            vocab_size=info.vocab_size,
+            tokenizer_json=(info.tokenizer_json or "") if request.include_tokenizer else "",
+            num_layers=info.num_layers,
+            hidden_size=info.hidden_size,
         )

@@ -36,6 +36,8 @@ REGISTRARS = {
     "distillation": "services.distillation.server:register",
     "rlhf": "services.rlhf.server:register",
     "orchestrator": "orchestrator.server:register",
+    # GenerationService alone (any model, adapters by checkpoint path): a remote teacher.
+    "generation": "services.runtime.rpc.generation_server:register",
 }
 
 MAX_MESSAGE = 64 * 1024 * 1024
