@@ -148,6 +148,20 @@ def reference(tmp_path_factory, tiny_model, chat) -> dict:
 # ---- same global batch, same seed: same loss curve ----
 
 
+def exit_codes(output_dir: Path, timeout: float = 30.0) -> list[int | None]:
+    """Each rank's exit code from its status file. A rank writes it as it exits, which may
+    be just after rank 0 recorded the job's end, so wait for both (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [
+            json.loads(p.read_text()).get("code")
+            for p in sorted(output_dir.glob("ranks/rank-*.json"))
+        ]
+        if (len(codes) == 2 and None not in codes) or time.monotonic() > deadline:
+            return codes
+        time.sleep(0.1)
+
+
 def test_sft_two_processes_match_one(serve, tiny_model, chat, reference):
     stubs = Stubs(serve("training").address)
     job = stubs.start_sft(sft(tiny_model, chat, 2, "two"))
@@ -162,8 +176,7 @@ def test_sft_two_processes_match_one(serve, tiny_model, chat, reference):
     assert final.metrics["tokens"] == reference["tokens"] > 0
     manifest = json.loads((Path(final.result.path) / "manifest.json").read_text())
     assert manifest["job_id"] == job.job_id
-    statuses = sorted(Path(final.result.path).parent.glob("ranks/rank-*.json"))
-    assert [json.loads(p.read_text())["code"] for p in statuses] == [0, 0]
+    assert exit_codes(Path(final.result.path).parent) == [0, 0]
     assert_all_exit(job.job_id)
     stubs.close()
 
