@@ -1,7 +1,7 @@
 """Sampling and scoring on any checkpoint (full model, or base + adapter), no gRPC.
 
-Used by the Generate RPC of the training service; RLHF rollouts and on-policy distillation
-use mlx-lm's batched generation directly inside their workers.
+Used by the Generate, ScoreCompletions and SampleTokens RPCs of the training service.
+SampleTokens runs services.runtime.sampler, the batched sampler PPO / GRPO use locally.
 
 Every call is bounded: prompt tokens (``max_prompt_tokens``), new tokens (``max_tokens``),
 and time: ``should_stop`` is asked between prefill chunks of ``prefill_chunk`` tokens and
@@ -21,8 +21,10 @@ import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from services.runtime import sampler
 from services.runtime.errors import InvalidArgument, Violations
 from services.runtime.models import load_model
+from services.runtime.sampler import Stopped
 
 MAX_TOKENS_LIMIT = 4096  # default of Limits.generate_max_tokens
 MAX_STOP_CHARS = 256
@@ -30,10 +32,6 @@ MAX_STOP_CHARS = 256
 # max_prompt_tokens * this is refused without being tokenized at all.
 CHARS_PER_TOKEN_BOUND = 64
 StopCheck = Callable[[], str | None]
-
-
-class Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error to report
-    """Generation ended early: the caller's deadline passed or it went away."""
 
 
 @dataclass(frozen=True)
@@ -247,3 +245,62 @@ def score(
             tok = mx.take_along_axis(logp, tgt[..., None], axis=-1)[0, :, 0]
             out.append(tok[len(p) - 1 :].tolist())
     return out
+
+
+@dataclass
+class Sampled:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+def sample_tokens(
+    cache: ModelCache,
+    path: str,
+    adapter: str | None,
+    prompts: list[list[int]],
+    n: int,
+    sampling: Sampling,
+    seed: int | None,
+    *,
+    should_stop: StopCheck = _never,
+) -> list[Sampled]:
+    """``n`` completions per prompt (prompt-major) with the rollout sampler: the prompts
+    repeated ``n`` times each, one batch, one key (``mx.random.key(seed)``)."""
+    if sampling.repetition_penalty not in (0.0, 1.0):
+        raise InvalidArgument.one(
+            "sampling.repetition_penalty", "is not supported: it would bias the log-probs"
+        )
+    key = sampler.key_from_seed(seed) if seed is not None else mx.random.key(time_seed())
+    with cache.lock:
+        if reason := should_stop():
+            raise Stopped(reason)
+        model, tokenizer = cache.get(path, adapter)
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+        for i, p in enumerate(prompts):
+            if vocab is not None and any(t < 0 or t >= vocab for t in p):
+                raise InvalidArgument.one(
+                    f"prompts[{i}].token_ids", f"has a token id outside [0, {vocab})"
+                )
+        rows = [p for p in prompts for _ in range(n)]
+        eos = sampler.eos_ids(tokenizer)
+        out = sampler.generate(
+            model,
+            rows,
+            sampling,
+            key,
+            eos_ids=eos,
+            pad_id=sampler.pad_id(tokenizer),
+            tokenizer=tokenizer,
+            should_stop=should_stop,
+        )
+    return [
+        Sampled(c, lp, "stop" if done else "length")
+        for c, lp, done in zip(out.completion_ids, out.logprobs, out.finished, strict=True)
+    ]
+
+
+def time_seed() -> int:
+    import secrets
+
+    return secrets.randbits(63)

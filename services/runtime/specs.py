@@ -86,6 +86,8 @@ REPEATED_LIMITS: dict[str, int | str] = {
     _P + "ChatConversation.messages": "generate_max_messages",
     _P + "ScoreCompletionsRequest.items": "score_max_items",
     _P + "ScoreRequest.items": "score_max_items",
+    _P + "SampleTokensRequest.prompts": "score_max_items",
+    _P + "TokenPrompt.token_ids": "generate_max_prompt_tokens",
     _P + "SamplingParams.stop": 16,
     _P + "PipelineSpec.stages": 32,
     _P + "DistillationSpec.teachers": 16,

@@ -112,3 +112,43 @@ class CompletionScore(_message.Message):
     num_tokens: int
     token_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, sum_logprob: _Optional[float] = ..., num_tokens: _Optional[int] = ..., token_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class SampleTokensRequest(_message.Message):
+    __slots__ = ("model", "prompts", "n", "sampling", "seed", "policy_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    prompts: _containers.RepeatedCompositeFieldContainer[TokenPrompt]
+    n: int
+    sampling: SamplingParams
+    seed: int
+    policy_version: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompts: _Optional[_Iterable[_Union[TokenPrompt, _Mapping]]] = ..., n: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
+
+class TokenPrompt(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SampleTokensResponse(_message.Message):
+    __slots__ = ("completions", "policy_version")
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    completions: _containers.RepeatedCompositeFieldContainer[TokenCompletion]
+    policy_version: int
+    def __init__(self, completions: _Optional[_Iterable[_Union[TokenCompletion, _Mapping]]] = ..., policy_version: _Optional[int] = ...) -> None: ...
+
+class TokenCompletion(_message.Message):
+    __slots__ = ("token_ids", "logprobs", "finish_reason")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    finish_reason: FinishReason
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...

@@ -1,0 +1,72 @@
+"""GenerationService.SampleTokens: batched token-level sampling for remote rollouts. The same
+seed, model and prompts give exactly the tokens and log-probs of the trainers' own sampler."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from mlx_unified.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+
+def _request(model, prompts, n=2, seed=7, **sampling) -> generation_pb2.SampleTokensRequest:  # noqa: ANN001
+    return generation_pb2.SampleTokensRequest(
+        model=common_pb2.ModelRef(model=str(model)),
+        prompts=[generation_pb2.TokenPrompt(token_ids=p) for p in prompts],
+        n=n,
+        sampling=generation_pb2.SamplingParams(
+            max_tokens=sampling.pop("max_tokens", 6), **sampling
+        ),
+        seed=seed,
+        policy_version=3,
+    )
+
+
+def test_sample_tokens_matches_the_local_sampler(serve, tiny_model) -> None:  # noqa: ANN001
+    from services.runtime import sampler
+    from services.runtime.models import load_model
+    from services.schema.rollouts import RolloutSampling
+
+    srv = serve("training", limits=_limits())
+    prompts = [[1, 5, 9, 13], [2, 7]]
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        out = stub.SampleTokens(_request(tiny_model, prompts, n=3), timeout=60)
+    assert out.policy_version == 3 and len(out.completions) == 6
+
+    model, tok = load_model(str(tiny_model))
+    local = sampler.generate(
+        model,
+        [p for p in prompts for _ in range(3)],
+        RolloutSampling(max_tokens=6),
+        sampler.key_from_seed(7),
+        eos_ids=sampler.eos_ids(tok),
+        pad_id=sampler.pad_id(tok),
+        tokenizer=tok,
+    )
+    assert [list(c.token_ids) for c in out.completions] == local.completion_ids
+    got = [x for c in out.completions for x in c.logprobs]
+    assert got == pytest.approx([x for lp in local.logprobs for x in lp], abs=1e-6)  # float32
+    assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in out.completions)
+
+
+def test_sample_tokens_refuses_bad_requests(serve, tiny_model) -> None:  # noqa: ANN001
+    srv = serve("training", limits=_limits())
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        for req in (
+            _request(tiny_model, []),
+            _request(tiny_model, [[]]),
+            _request(tiny_model, [[1, 10**7]]),
+            _request(tiny_model, [[1]], n=1000),
+            _request(tiny_model, [[1]], repetition_penalty=1.3),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.SampleTokens(req, timeout=60)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+
+
+def _limits():  # noqa: ANN202
+    from services.runtime.settings import Limits
+
+    return Limits(rate_start_per_min=0, rate_generate_per_min=0)
