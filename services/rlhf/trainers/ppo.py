@@ -82,8 +82,10 @@ from services.rlhf.trainers.rollout import (
     record,
     recorder,
     reference_logps,
+    rollout_metrics,
     sample,
 )
+from services.rlhf.trainers.rollout_backends import make_backend
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.optim import (
     OptimizerSettings,
@@ -208,12 +210,13 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
     minibatch = cfg.minibatch_size // world.size()  # this rank's share
     hook = recorder(ctx)
+    backend = make_backend(cfg.rollout, policy, ctx.output_dir)
 
     def record_start() -> None:  # after any restore: the weights the first update starts from
         record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
 
     def iteration(step: int, prompt_batch: dict) -> tuple[dict[str, float], int]:
-        got = sample(policy, cfg.rollout, extra.rng, prompt_batch, world=world)
+        got = sample(policy, cfg.rollout, extra.rng, prompt_batch, 1, world, backend, step)
         batch, ids, t_gen = got.batch, got.ids, got.seconds
         tic = time.perf_counter()
         scores = mx.array(score(got.prompts, ids, got.texts), mx.float32)
@@ -259,6 +262,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         )  # fmt: skip
         t_update = time.perf_counter() - tic
         metrics = {k: v / n for k, v in sums.items()}
+        metrics.update(rollout_metrics(got, step, old_logps))
         metrics.update(
             kl=seq_kl.item(),
             entropy=ent.item(),
@@ -282,7 +286,10 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         return metrics, int(round(metrics.pop("tokens")))
 
     strategy = RolloutStrategy(iteration, prompts, extra, on_start=record_start)
-    return train_rollouts(strategy, ctx, policy, optimizer, cfg, total, resolved, "value")
+    try:
+        return train_rollouts(strategy, ctx, policy, optimizer, cfg, total, resolved, "value")
+    finally:
+        backend.close()
 
 
 def main(argv: list[str] | None = None) -> int:

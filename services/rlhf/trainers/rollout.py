@@ -23,8 +23,11 @@ import numpy as np
 from services.rlhf.trainers import Policy, eos_ids, pad_id
 from services.rlhf.trainers.data_parallel import rank_key
 from services.rlhf.trainers.losses import token_logps
+from services.rlhf.trainers.rollout_backends import LocalBackend, RolloutBackend, staleness_error
 from services.runtime import datasets
-from services.runtime.sampler import Rollout, generate
+from services.runtime.errors import FailedPrecondition
+from services.runtime.sampler import Rollout
+from services.runtime.sampler import generate as generate  # re-exported
 from services.schema.rollouts import RolloutSampling as RolloutSampling  # re-exported
 from services.schema.rollouts import RolloutSettings
 
@@ -115,6 +118,14 @@ class Sampled:
     prompts: list[Any]  # the raw prompt of each row (repeated per group)
     seconds: float
     rollout: Rollout | None = None  # the token ids as sampled (completions keep their EOS)
+    version: int = 0  # the policy version (step) that sampled them
+
+
+class StaleRollouts(FailedPrecondition):
+    """The backend kept answering with a policy version older than the staleness bound."""
+
+
+RESAMPLE_TRIES = 3
 
 
 def sample(
@@ -124,25 +135,46 @@ def sample(
     prompt_batch: dict,
     group: int = 1,
     world=None,
+    backend: RolloutBackend | None = None,
+    step: int = 0,
 ) -> Sampled:
-    """Generate ``group`` completions per prompt of a PromptBatches batch (this rank's)."""
+    """Sample ``group`` completions per prompt of a PromptBatches batch (this rank's) with
+    ``backend`` (default: local). Rollouts more than ``rollout.max_staleness`` steps behind
+    ``step`` are re-sampled (same key), then refused."""
     tic = time.perf_counter()
-    tokens = [p for p in prompt_batch["tokens"] for _ in range(group)]
+    prompts = [list(p) for p in prompt_batch["tokens"]]
     raw = [p for p in prompt_batch["prompts"] for _ in range(group)]
+    key = rank_key(rng.next(), world or mx.distributed.init())
+    backend = backend or LocalBackend(policy, rollout.sampling)
+    for _ in range(RESAMPLE_TRIES):
+        got = backend.sample(prompts, group, key, step)
+        if step - got.version <= rollout.max_staleness:
+            break
+    else:
+        raise StaleRollouts(staleness_error(step, got.version, rollout.max_staleness))
+    tokens = [p for p in prompts for _ in range(group)]
+    out = Rollout(tokens, got.completion_ids, got.logprobs, got.finished)
     eos = eos_ids(policy.tokenizer)
-    out = generate(
-        policy.model,
-        tokens,
-        rollout.sampling,
-        rank_key(rng.next(), world or mx.distributed.init()),
-        eos_ids=eos,
-        pad_id=pad_id(policy.tokenizer),
-        tokenizer=policy.tokenizer,
-    )
     ids = [strip_eos(c, eos) for c in out.completion_ids]
     texts = [policy.tokenizer.decode(c) for c in ids]
     batch = pack(out.prompt_ids, out.completion_ids, pad_id(policy.tokenizer))
-    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic, out)
+    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic, out, got.version)
+
+
+def rollout_metrics(got: Sampled, step: int, recomputed: mx.array) -> dict[str, float]:
+    """How far the backend's log-probs are from the policy's own (``recomputed [B, T]``,
+    which the update uses), and how many steps its policy version lags ``step``."""
+    rec = np.array(recomputed, np.float64)
+    gaps = []
+    for r, lp in enumerate(got.rollout.logprobs if got.rollout is not None else []):
+        d = np.abs(np.asarray(lp, np.float64) - rec[r, : len(lp)])
+        gaps.append(d[~np.isnan(d)])
+    gap = np.concatenate(gaps) if gaps else np.zeros(0)
+    return {
+        "rollout_logprob_gap": float(gap.mean()) if gap.size else 0.0,
+        "rollout_logprob_gap_max": float(gap.max()) if gap.size else 0.0,
+        "rollout_version_lag": float(step - got.version),
+    }
 
 
 def reference_logps(reference: nn.Module, batch: dict, temperature: float) -> mx.array:
