@@ -1,0 +1,144 @@
+"""Remote rollouts (issue 15) with two real processes: PPO / GRPO here, their rollouts sampled
+by the training service's GenerationService (SampleTokens) in another process, or by a real
+mlx_lm.server. The policy reaches the server only as a checkpoint directory per version.
+
+With the same seed the remote sampler runs the same code on the same weights, so grpc
+rollouts are bitwise the local ones and the runs' losses and rewards are identical."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from services.runtime import checkpoints
+from services.runtime.contract import Interrupted, JobContext
+from tests.conftest import free_port, write_jsonl
+
+WORDS = ["rain", "tea", "bread", "music", "books", "roads", "hills", "sun"]
+KEY_ENV = "MLXU_TEST_ROLLOUT_KEY"
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:  # noqa: ANN001
+    rows = [{"prompt": f"Say something about {w}."} for w in WORDS]
+    return write_jsonl(tmp_path_factory.mktemp("rl-prompts") / "prompts.jsonl", rows)
+
+
+def _ctx(out: Path, reports: list, stop_after: int | None = None) -> JobContext:
+    ctx = JobContext(job_id="test", output_dir=out, report=reports.append)
+    ctx.log = lambda _m: None
+    ctx.should_stop = lambda: stop_after is not None and len(reports) >= stop_after
+    ctx.resume_from = checkpoints.latest(out)
+    return ctx
+
+
+def _cfg(model: Path, prompts: Path, remote: dict | None = None, **kw) -> dict:  # noqa: ANN003
+    cfg = {
+        "policy": {"model": str(model)},
+        "dataset": {"path": str(prompts)},
+        "reward": {"reward_function": "token_count:!"},
+        "method": "lora",
+        "lora": {"rank": 4},
+        "optimizer": {"learning_rate": 1e-2, "schedule": "constant"},
+        "rollout": {"batch_size": 4, "sampling": {"max_tokens": 8}, "remote": remote or {}},
+        "loop": {"max_steps": 4, "steps_per_report": 1, "steps_per_checkpoint": 100, "seed": 3},
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def _run(
+    trainer: str, cfg: dict, out: Path, reports: list | None = None, stop_after: int | None = None
+) -> list:
+    from services.rlhf.trainers import grpo, ppo
+
+    reports = [] if reports is None else reports
+    (grpo if trainer == "grpo" else ppo).run(cfg, _ctx(out, reports, stop_after))
+    return reports
+
+
+@pytest.fixture
+def generation_server(service_process, monkeypatch):  # noqa: ANN001, ANN201
+    """The training service (which serves GenerationService) in its own process, with an
+    API key; the trainer finds the key in KEY_ENV."""
+    sp = service_process("training")
+    sp.env = {**sp.env, "MLXU_API_KEYS": "rollout-key", "MLXU_RATE_GENERATE_PER_MIN": "0"}
+    monkeypatch.setenv(KEY_ENV, "rollout-key")
+    return sp.start()
+
+
+def _same(a: list, b: list, keys: tuple[str, ...]) -> None:
+    assert [r.step for r in a] == [r.step for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        for k in keys:
+            assert ra.metrics[k] == rb.metrics[k], (ra.step, k, ra.metrics[k], rb.metrics[k])
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "ppo"])
+def test_grpc_rollouts_train_exactly_as_local_ones(
+    trainer, generation_server, tiny_model, prompts, tmp_path
+) -> None:  # noqa: ANN001
+    remote = {"address": generation_server.address, "api_key_env": KEY_ENV}
+    extra = {"group_size": 4} if trainer == "grpo" else {"minibatch_size": 2, "ppo_epochs": 2}
+    t = time.monotonic()
+    local = _run(trainer, _cfg(tiny_model, prompts, **extra), tmp_path / "local")
+    t_local = time.monotonic() - t
+    t = time.monotonic()
+    far = _run(trainer, _cfg(tiny_model, prompts, remote, **extra), tmp_path / "remote")
+    t_remote = time.monotonic() - t
+    print(f"{trainer}: local {t_local:.1f} s, grpc {t_remote:.1f} s")
+    _same(local, far, ("loss", "reward_mean", "completion_length", "entropy"))
+    for r in far:
+        assert r.metrics["rollout_version_lag"] == 0.0
+        # fp32 on the CPU: the server's KV-cached decode vs the trainer's full forward.
+        assert r.metrics["rollout_logprob_gap"] < 1e-4, r.metrics
+    versions = sorted(p.name for p in (tmp_path / "remote" / "policy").iterdir())
+    assert versions == ["step_0000002", "step_0000003"]  # the newest two are kept
+    assert (tmp_path / "remote" / "policy" / versions[-1] / "adapters.safetensors").is_file()
+
+
+def test_a_wrong_key_is_refused_without_retries(generation_server, tiny_model, prompts, tmp_path):  # noqa: ANN001
+    import grpc
+
+    os.environ[KEY_ENV] = "not-the-key"
+    remote = {"address": generation_server.address, "api_key_env": KEY_ENV}
+    t = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        _run("grpo", _cfg(tiny_model, prompts, remote, group_size=2), tmp_path / "k")
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert time.monotonic() - t < 30
+
+
+def test_an_unreachable_server_fails_the_job_with_the_reason(tiny_model, prompts, tmp_path):  # noqa: ANN001
+    from services.runtime.remote import RemoteUnavailable
+
+    dead = f"127.0.0.1:{free_port()}"
+    remote = {"address": dead, "retry_deadline_seconds": 2, "timeout_seconds": 1}
+    t = time.monotonic()
+    with pytest.raises(RemoteUnavailable, match=f"rollout: {dead} unreachable for 2 s") as e:
+        _run("grpo", _cfg(tiny_model, prompts, remote, group_size=2), tmp_path / "dead")
+    assert e.value.reason == "REMOTE_UNAVAILABLE"
+    assert 2 <= time.monotonic() - t < 30
+
+
+def test_resume_reuses_the_due_policy_version(generation_server, tiny_model, prompts, tmp_path):  # noqa: ANN001
+    """sync_every 2: a run stopped after step 3 resumes at step 3, whose rollouts come from
+    version 2 (still on disk), so it matches the uninterrupted run exactly."""
+    remote = {"address": generation_server.address, "api_key_env": KEY_ENV}
+    cfg = _cfg(tiny_model, prompts, remote, group_size=4)
+    cfg["rollout"] = {**cfg["rollout"], "sync_every": 2, "max_staleness": 1}
+    cfg["loop"] = {**cfg["loop"], "max_steps": 5, "steps_per_checkpoint": 1}
+    whole = _run("grpo", cfg, tmp_path / "a")
+    assert [r.metrics["rollout_version_lag"] for r in whole] == [0, 1, 0, 1, 0]
+    parts: list = []
+    with pytest.raises(Interrupted):
+        _run("grpo", cfg, tmp_path / "b", parts, stop_after=2)
+    assert [r.step for r in parts] == [1, 2, 3]  # stopped with a checkpoint at step 3
+    due = tmp_path / "b" / "policy" / "step_0000002" / "adapters.safetensors"
+    written = due.stat().st_mtime_ns
+    _run("grpo", cfg, tmp_path / "b", parts)
+    assert due.stat().st_mtime_ns == written  # reused, not rewritten from step 3's weights
+    _same(whole, parts, ("loss", "reward_mean", "rollout_version_lag"))
