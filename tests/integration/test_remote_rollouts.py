@@ -7,10 +7,16 @@ rollouts are bitwise the local ones and the runs' losses and rewards are identic
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from services.runtime import checkpoints
@@ -39,7 +45,7 @@ def _cfg(model: Path, prompts: Path, remote: dict | None = None, **kw) -> dict: 
     cfg = {
         "policy": {"model": str(model)},
         "dataset": {"path": str(prompts)},
-        "reward": {"reward_function": "token_count:!"},
+        "reward": {"reward_function": "contains:e"},  # about half the samples: signal
         "method": "lora",
         "lora": {"rank": 4},
         "optimizer": {"learning_rate": 1e-2, "schedule": "constant"},
@@ -91,6 +97,7 @@ def test_grpc_rollouts_train_exactly_as_local_ones(
     t_remote = time.monotonic() - t
     print(f"{trainer}: local {t_local:.1f} s, grpc {t_remote:.1f} s")
     _same(local, far, ("loss", "reward_mean", "completion_length", "entropy"))
+    assert any(r.metrics["loss"] != 0 for r in far)  # the policy moved: versions differ
     for r in far:
         assert r.metrics["rollout_version_lag"] == 0.0
         # fp32 on the CPU: the server's KV-cached decode vs the trainer's full forward.
@@ -142,3 +149,72 @@ def test_resume_reuses_the_due_policy_version(generation_server, tiny_model, pro
     _run("grpo", cfg, tmp_path / "b", parts)
     assert due.stat().st_mtime_ns == written  # reused, not rewritten from step 3's weights
     _same(whole, parts, ("loss", "reward_mean", "rollout_version_lag"))
+
+
+@pytest.fixture
+def mlx_lm_server(tiny_model, home):  # noqa: ANN001, ANN201
+    """A real mlx_lm.server (ships with mlx-lm) on loopback serving the tiny model."""
+    port = free_port()
+    log = open(home / "mlx_lm_server.log", "wb")  # noqa: SIM115 - closed at teardown
+    cmd = [sys.executable, "-m", "mlx_lm.server", "--model", str(tiny_model)]
+    proc = subprocess.Popen(
+        [*cmd, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if json.loads(r.read()).get("status") == "ok":
+                    break
+        except OSError:
+            time.sleep(0.2)  # waiting for the server to listen, not faking work
+    else:
+        raise RuntimeError((home / "mlx_lm_server.log").read_text()[-2000:])
+    yield f"{url}/v1"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+
+
+def test_grpo_against_a_real_mlx_lm_server(mlx_lm_server, tiny_model, prompts, tmp_path):  # noqa: ANN001
+    """Looser than grpc: mlx_lm.server samples with its own sampler (one request per
+    completion, re-tokenised text prompts), so rollouts differ from local ones. What must
+    hold: the job trains on the server's tokens, each version's adapter reaches the server
+    by path (``adapters``), and its log-probs agree with the trainer's recomputed ones."""
+    remote = {"kind": "openai", "address": mlx_lm_server}
+    cfg = _cfg(tiny_model, prompts, remote, group_size=2)
+    cfg["loop"] = {**cfg["loop"], "max_steps": 3}
+    t = time.monotonic()
+    reports = _run("grpo", cfg, tmp_path / "openai")
+    print(f"grpo via mlx_lm.server: {time.monotonic() - t:.1f} s")
+    assert [r.step for r in reports] == [1, 2, 3]
+    for r in reports:
+        m = r.metrics
+        assert np.isfinite(m["loss"]) and m["completion_length"] > 0
+        assert m["rollout_version_lag"] == 0.0
+        # Temperature 1: mlx_lm's log-probs are the same distribution; the prompt may be
+        # re-tokenised differently, which this gap would show.
+        assert m["rollout_logprob_gap"] < 1e-3, m
+    # The gap is that small only because each version's adapter was applied: the newest
+    # version and the bare base answer the same seeded request differently.
+    newest = sorted((tmp_path / "openai" / "policy").iterdir())[-1]
+    body = {"model": str(tiny_model), "prompt": "Say something about tea.", "max_tokens": 4}
+    body.update(temperature=1.0, logprobs=True, seed=11)
+    base = _post(f"{mlx_lm_server}/completions", body)
+    tuned = _post(f"{mlx_lm_server}/completions", {**body, "adapters": str(newest)})
+    assert _lps(base) != _lps(tuned)
+
+
+def _post(url: str, body: dict) -> dict:
+    headers = {"Content-Type": "application/json"}
+    req = urllib.request.Request(url, json.dumps(body).encode(), headers)
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _lps(answer: dict) -> list[float]:
+    return [t["logprob"] for t in answer["choices"][0]["logprobs"]["content"]]
