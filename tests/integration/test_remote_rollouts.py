@@ -218,3 +218,77 @@ def _post(url: str, body: dict) -> dict:
 
 def _lps(answer: dict) -> list[float]:
     return [t["logprob"] for t in answer["choices"][0]["logprobs"]["content"]]
+
+
+def _grpo_job(model: Path, data: Path, remote, steps: int, method=None):  # noqa: ANN001, ANN202
+    from mlx_unified.v1 import common_pb2, generation_pb2, rlhf_pb2
+
+    return rlhf_pb2.StartGRPORequest(
+        spec=rlhf_pb2.GRPOSpec(
+            policy=common_pb2.ModelRef(model=str(model)),
+            dataset=common_pb2.DatasetRef(path=str(data)),
+            reward=rlhf_pb2.RewardSource(reward_function="contains:e"),
+            method=method or common_pb2.FINETUNE_METHOD_FULL,
+            optimizer=common_pb2.OptimizerConfig(
+                learning_rate=1e-3, schedule=common_pb2.LR_SCHEDULE_CONSTANT
+            ),
+            loop=common_pb2.LoopConfig(
+                batch_size=8, max_steps=steps, steps_per_report=1, steps_per_checkpoint=2
+            ),
+            rollout=rlhf_pb2.RolloutConfig(
+                batch_size=4,
+                sampling=generation_pb2.SamplingParams(max_tokens=8),
+                remote=remote,
+            ),
+            group_size=2,
+        )
+    )
+
+
+def test_a_grpo_job_with_full_weights_resumes_after_kill9_on_the_same_backend(
+    serve, generation_server, tiny_model, prompts
+) -> None:  # noqa: ANN001
+    """Through the RLHF service: full fine-tuning (each version a full model directory),
+    rollouts from the other process; the worker is killed after its first checkpoint and
+    the second attempt continues with the stored remote spec."""
+    from mlx_unified.v1 import common_pb2, rlhf_pb2_grpc
+    from tests.integration.helpers import Stubs
+    from tests.integration.test_resume import worker_pids
+
+    stubs = Stubs(serve("rlhf").address)
+    stub = rlhf_pb2_grpc.RLHFServiceStub(stubs.channel)
+    remote = common_pb2.RemoteBackend(address=generation_server.address, api_key_env=KEY_ENV)
+    job = stub.StartGRPO(_grpo_job(tiny_model, prompts, remote, 5), timeout=120).job
+    for resp in stubs.watch(job.job_id):
+        if resp.event.WhichOneof("payload") == "checkpoint":
+            break
+    for pid in worker_pids(job.job_id):
+        os.kill(pid, signal.SIGKILL)
+    final, events = stubs.wait(job.job_id)
+    stubs.close()
+    assert final.state == common_pb2.JOB_STATE_SUCCEEDED, final.error
+    assert final.attempts == 2
+    steps = [e.progress.step for e in events if e.WhichOneof("payload") == "progress"]
+    assert steps[-1] == 5 and steps.count(1) == 1
+    lags = [e.progress.metrics["rollout_version_lag"] for e in events if e.progress.metrics]
+    assert set(lags) == {0.0}
+    assert final.metrics["rollout_logprob_gap"] < 1e-4
+    versions = sorted((Path(final.output_dir) / "policy").iterdir())
+    assert [v.name for v in versions] == ["step_0000003", "step_0000004"]
+    assert (versions[-1] / "config.json").is_file()  # full weights, loadable by mlx-lm
+
+
+def test_a_job_whose_rollout_server_is_down_fails_with_the_reason(
+    serve, tiny_model, prompts
+) -> None:  # noqa: ANN001
+    from mlx_unified.v1 import common_pb2, rlhf_pb2_grpc
+    from tests.integration.helpers import Stubs
+
+    stubs = Stubs(serve("rlhf").address)
+    stub = rlhf_pb2_grpc.RLHFServiceStub(stubs.channel)
+    dead = common_pb2.RemoteBackend(address=f"127.0.0.1:{free_port()}", retry_deadline_seconds=1)
+    job = stub.StartGRPO(_grpo_job(tiny_model, prompts, dead, 2), timeout=120).job
+    final, _ = stubs.wait(job.job_id)
+    stubs.close()
+    assert final.state == common_pb2.JOB_STATE_FAILED
+    assert "RemoteUnavailable" in final.error and "unreachable for 1 s" in final.error
