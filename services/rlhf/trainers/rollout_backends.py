@@ -169,8 +169,8 @@ class OpenAIBackend(_Remote):
     """``POST <address>/completions`` per completion with ``logprobs``; the policy version's
     adapter as mlx_lm.server's ``adapters`` field (full weights: as ``model``).
 
-    The API takes text, so each prompt is decoded (a leading BOS dropped: the server adds
-    its own) and re-tokenised by the server; the trainer keeps its own prompt ids, and the
+    The API takes text, so each prompt is decoded (a leading BOS dropped when the server
+    will add its own) and re-tokenised by the server; the trainer keeps its own prompt ids, and the
     log-prob gap shows any mismatch. Token ids come from mlx_lm.server's
     ``logprobs.content[].id`` or vLLM's ``return_tokens_as_token_ids``. The log-probs are
     the server's (mlx_lm: the untempered distribution; equal to ours at temperature 1)."""
@@ -201,7 +201,9 @@ class OpenAIBackend(_Remote):
     def _prompt_text(self, ids: list[int]) -> str:
         tok = self.policy.tokenizer
         bos = getattr(tok, "bos_token_id", None)
-        if bos is not None and ids and ids[0] == bos:
+        # Drop a leading BOS only when encoding adds one (the server will): in a ChatML
+        # tokenizer the "BOS" may be <|im_start|>, the template's own first token.
+        if bos is not None and ids and ids[0] == bos and tok.encode("x")[:1] == [bos]:
             ids = ids[1:]
         return tok.decode(ids)
 
