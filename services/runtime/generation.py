@@ -11,6 +11,7 @@ time within one chunk (the service passes the client's deadline and cancellation
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -18,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from services.runtime import sampler
 from services.runtime.errors import InvalidArgument, Violations
-from services.runtime.models import load_model
+from services.runtime.models import confine_local, load_model
 from services.runtime.sampler import Stopped
 
 MAX_TOKENS_LIMIT = 4096  # default of Limits.generate_max_tokens
@@ -78,12 +80,17 @@ class Chunk:
 
 class ModelCache:
     """A small LRU of loaded models; MLX work is serialised by one lock per process.
-    ``roots`` (when set) confine every local model / adapter file again right before load."""
+    ``roots`` (when set) confine every local model / adapter file again right before load.
+
+    A new adapter over a cached base with an adapter of the same configuration (the next
+    policy version of a rollout job) is loaded into that model in place: a weights read,
+    not a model load. The entry is then keyed by the new adapter."""
 
     def __init__(self, size: int = 2, roots: tuple[Path, ...] | None = None) -> None:
         self.size = size
         self.roots = roots
         self._models: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+        self._adapter_configs: dict[tuple[str, str], dict] = {}
         self.lock = threading.Lock()
 
     def get(self, path: str, adapter: str | None) -> tuple:
@@ -91,11 +98,41 @@ class ModelCache:
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        model, tokenizer = load_model(path, adapter_path=adapter or None, roots=self.roots)
-        self._models[key] = (model, tokenizer)
+        config = _adapter_config(adapter) if adapter else None
+        loaded = self._swap(path, adapter, config) if adapter and config else None
+        if loaded is None:
+            loaded = load_model(path, adapter_path=adapter or None, roots=self.roots)
+        self._models[key] = loaded
+        if config:
+            self._adapter_configs[key] = config
         while len(self._models) > self.size:
-            self._models.popitem(last=False)
+            old, _ = self._models.popitem(last=False)
+            self._adapter_configs.pop(old, None)
+        return loaded
+
+    def _swap(self, path: str, adapter: str, config: dict) -> tuple | None:
+        same = [k for k in self._models if k[0] == path and self._adapter_configs.get(k) == config]
+        if not same:
+            return None
+        confine_local(path, adapter, self.roots, "model")
+        model, tokenizer = self._models.pop(same[-1])
+        self._adapter_configs.pop(same[-1], None)
+        dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+        weights = mx.load(str(Path(adapter) / "adapters.safetensors"))
+        try:
+            model.load_weights([(k, v.astype(dtypes.get(k, v.dtype))) for k, v in weights.items()],
+                               strict=False)  # fmt: skip
+        except ValueError as exc:
+            raise InvalidArgument.one("model.adapter_path", f"cannot load adapters: {exc}") from exc
+        mx.eval(model.parameters())
         return model, tokenizer
+
+
+def _adapter_config(adapter: str) -> dict | None:
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _check_chars(n_chars: int, max_prompt_tokens: int, field: str) -> None:

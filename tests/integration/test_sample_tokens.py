@@ -70,3 +70,30 @@ def _limits():  # noqa: ANN202
     from services.runtime.settings import Limits
 
     return Limits(rate_start_per_min=0, rate_generate_per_min=0)
+
+
+def test_a_new_adapter_version_is_loaded_into_the_cached_model(tiny_model, tmp_path) -> None:  # noqa: ANN001
+    """The next policy version of a rollout job costs a weights read, not a model load, and
+    answers exactly as a fresh load of base + that adapter."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from services.runtime import adapters, generation
+    from services.runtime.models import load_model
+    from services.schema.common import LoraSettings
+
+    model, _ = load_model(str(tiny_model))
+    cfg = adapters.apply(model, "lora", LoraSettings(rank=4), base_model=str(tiny_model))
+    dirs = []
+    for v in range(2):  # two versions: random LoRA weights
+        trained = tree_flatten(model.trainable_parameters())
+        model.update(tree_unflatten([(k, mx.random.normal(x.shape) * 0.1) for k, x in trained]))
+        adapters.save_adapter(tmp_path / f"v{v}", model, cfg)
+        dirs.append(str(tmp_path / f"v{v}"))
+    cache = generation.ModelCache(size=2)
+    first, _ = cache.get(str(tiny_model), dirs[0])
+    second, _ = cache.get(str(tiny_model), dirs[1])
+    assert second is first  # swapped in place
+    fresh, _ = load_model(str(tiny_model), dirs[1])
+    x = mx.array([[1, 5, 9, 13, 2]])
+    assert mx.array_equal(second(x), fresh(x)).item()

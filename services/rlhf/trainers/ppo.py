@@ -1,4 +1,4 @@
-"""PPO for language models (Ziegler et al. 2019; the InstructGPT recipe), rollouts local.
+"""PPO for language models (Ziegler et al. 2019; the InstructGPT recipe).
 
 ``run(config, ctx)`` takes a resolved PPOSpec dict (see docs/rlhf.md for every field)::
 
@@ -15,7 +15,9 @@ on the LM). The update is TRL's classic PPOTrainer (v0.11: ``compute_rewards``,
 ``compute_advantages``, ``loss``, ``AdaptiveKLController``; its scheduler steps once per PPO
 iteration, not per minibatch); bench/parity_rl.py checks it step by step. Checkpoints
 hold the policy, its value head and the trainer state (optimizer, step, KL controller,
-rollout RNG, prompt position), so a resumed job continues exactly.
+rollout RNG, prompt position), so a resumed job continues exactly. Rollouts come from a
+backend (rollout_backends: local by default, or a remote server given the policy by
+checkpoint reference); the ratio always uses the log-probs this model recomputes.
 
 Data parallel (``resources.num_processes`` > 1): ``rollout.batch_size`` and
 ``minibatch_size`` are global; each rank samples, scores and trains on its share of the
