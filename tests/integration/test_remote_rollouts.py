@@ -291,4 +291,5 @@ def test_a_job_whose_rollout_server_is_down_fails_with_the_reason(
     final, _ = stubs.wait(job.job_id)
     stubs.close()
     assert final.state == common_pb2.JOB_STATE_FAILED
-    assert "RemoteUnavailable" in final.error and "unreachable for 1 s" in final.error
+    assert final.error.startswith("RemoteUnavailable (REMOTE_UNAVAILABLE): rollout: ")
+    assert "unreachable for 1 s" in final.error
