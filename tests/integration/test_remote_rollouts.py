@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -293,3 +294,49 @@ def test_a_job_whose_rollout_server_is_down_fails_with_the_reason(
     assert final.state == common_pb2.JOB_STATE_FAILED
     assert final.error.startswith("RemoteUnavailable (REMOTE_UNAVAILABLE): rollout: ")
     assert "unreachable for 1 s" in final.error
+
+
+def test_grpc_rollouts_over_tls(service_process, tiny_model, prompts, tmp_path) -> None:  # noqa: ANN001
+    """A server with a (self-signed) certificate: remote.tls_ca verifies it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    sp = service_process("training")
+    sp.env = {**sp.env, "MLXU_TLS_CERT": str(cert), "MLXU_TLS_KEY": str(key)}
+    sp.env["MLXU_RATE_GENERATE_PER_MIN"] = "0"
+    _start_tls(sp, cert)
+    remote = {"address": sp.address, "tls_ca": str(cert)}
+    cfg = _cfg(tiny_model, prompts, remote, group_size=2)
+    cfg["loop"] = {**cfg["loop"], "max_steps": 2}
+    reports = _run("grpo", cfg, tmp_path / "tls")
+    assert [r.metrics["rollout_version_lag"] for r in reports] == [0.0, 0.0]
+    assert reports[-1].metrics["rollout_logprob_gap"] < 1e-4
+
+
+def _start_tls(sp, cert: Path, timeout: float = 60) -> None:  # noqa: ANN001
+    """ServiceProcess.start probes health in plaintext; this one over TLS."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cmd = [sys.executable, "-m", "services.runtime.rpc.server", sp.service]
+    cmd += ["--port", str(sp.port), "--home", str(sp.home)]
+    with open(sp.log, "ab") as log:
+        sp.proc = subprocess.Popen(cmd, env=sp.env, stdout=log, stderr=log, start_new_session=True)
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    deadline = time.monotonic() + timeout
+    with grpc.secure_channel(sp.address, creds) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            assert sp.proc.poll() is None, sp.log.read_text()[-2000:]
+            try:
+                stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return
+            except grpc.RpcError:
+                time.sleep(0.2)  # waiting for the server to listen
+    raise RuntimeError(sp.log.read_text()[-2000:])

@@ -60,6 +60,7 @@ def test_sample_tokens_refuses_bad_requests(serve, tiny_model) -> None:  # noqa:
             _request(tiny_model, [[1, 10**7]]),
             _request(tiny_model, [[1]], n=1000),
             _request(tiny_model, [[1]], repetition_penalty=1.3),
+            _outside(_request(tiny_model, [[1]])),  # a policy dir outside the roots
         ):
             with pytest.raises(grpc.RpcError) as e:
                 stub.SampleTokens(req, timeout=60)
@@ -97,3 +98,8 @@ def test_a_new_adapter_version_is_loaded_into_the_cached_model(tiny_model, tmp_p
     fresh, _ = load_model(str(tiny_model), dirs[1])
     x = mx.array([[1, 5, 9, 13, 2]])
     assert mx.array_equal(second(x), fresh(x)).item()
+
+
+def _outside(req: generation_pb2.SampleTokensRequest) -> generation_pb2.SampleTokensRequest:
+    req.model.adapter_path = "/etc"
+    return req
