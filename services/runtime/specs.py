@@ -81,6 +81,9 @@ TEXT_FIELDS = frozenset(
         _P + "PromptCompletion.completion",
     }
 )
+# Token-id lists: bounded by their own limit (and the request size), counted as one value,
+# so a rollout batch of prompts is not cut by MAX_NODES.
+TOKEN_ID_FIELDS = frozenset({_P + "TokenPrompt.token_ids"})
 # Repeated fields with their own bound: a number, or the name of a Limits attribute.
 REPEATED_LIMITS: dict[str, int | str] = {
     _P + "ChatConversation.messages": "generate_max_messages",
@@ -120,6 +123,9 @@ class _Walk:
                     limit = int(getattr(self.limits, limit))
                 if len(value) > limit:
                     self.add(name, f"has {len(value)} entries; at most {limit}")
+                    continue
+                if fd.full_name in TOKEN_ID_FIELDS:  # bounded above; ints need no check
+                    self.nodes += 1
                     continue
                 for i, item in enumerate(value):
                     self.value(fd, item, f"{name}[{i}]", depth)

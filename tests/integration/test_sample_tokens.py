@@ -103,3 +103,13 @@ def test_a_new_adapter_version_is_loaded_into_the_cached_model(tiny_model, tmp_p
 def _outside(req: generation_pb2.SampleTokensRequest) -> generation_pb2.SampleTokensRequest:
     req.model.adapter_path = "/etc"
     return req
+
+
+def test_a_rollout_batch_of_many_prompt_tokens_is_admitted(serve, tiny_model) -> None:  # noqa: ANN001
+    """64 prompts of 400 token ids (25,600 values: over the generic 20,000-value bound)."""
+    srv = serve("training", limits=_limits())
+    prompts = [[1 + (i + j) % 300 for j in range(400)] for i in range(64)]
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        out = stub.SampleTokens(_request(tiny_model, prompts, n=1, max_tokens=1), timeout=120)
+    assert len(out.completions) == 64
