@@ -94,12 +94,8 @@ class _Remote:
         sampling: RolloutSampling,
         versions: PolicyVersions,
     ) -> None:
-        self.settings, self.policy, self.sampling, self.versions = (
-            settings,
-            policy,
-            sampling,
-            versions,
-        )
+        self.settings, self.policy = settings, policy
+        self.sampling, self.versions = sampling, versions
 
     def close(self) -> None:
         pass
