@@ -1,7 +1,7 @@
 """Sampling and scoring on any checkpoint (full model, or base + adapter), no gRPC.
 
-Used by the Generate RPC of the training service; RLHF rollouts and on-policy distillation
-use mlx-lm's batched generation directly inside their workers.
+Used by the Generate, ScoreCompletions and SampleTokens RPCs of the training service.
+SampleTokens runs services.runtime.sampler, the batched sampler PPO / GRPO use locally.
 
 Every call is bounded: prompt tokens (``max_prompt_tokens``), new tokens (``max_tokens``),
 and time: ``should_stop`` is asked between prefill chunks of ``prefill_chunk`` tokens and
@@ -11,6 +11,7 @@ time within one chunk (the service passes the client's deadline and cancellation
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -18,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from services.runtime import sampler
 from services.runtime.errors import InvalidArgument, Violations
-from services.runtime.models import load_model
+from services.runtime.models import confine_local, load_model
+from services.runtime.sampler import Stopped
 
 MAX_TOKENS_LIMIT = 4096  # default of Limits.generate_max_tokens
 MAX_STOP_CHARS = 256
@@ -30,10 +34,6 @@ MAX_STOP_CHARS = 256
 # max_prompt_tokens * this is refused without being tokenized at all.
 CHARS_PER_TOKEN_BOUND = 64
 StopCheck = Callable[[], str | None]
-
-
-class Stopped(Exception):  # noqa: N818 - a control-flow signal, not an error to report
-    """Generation ended early: the caller's deadline passed or it went away."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,17 @@ class Chunk:
 
 class ModelCache:
     """A small LRU of loaded models; MLX work is serialised by one lock per process.
-    ``roots`` (when set) confine every local model / adapter file again right before load."""
+    ``roots`` (when set) confine every local model / adapter file again right before load.
+
+    A new adapter over a cached base with an adapter of the same configuration (the next
+    policy version of a rollout job) is loaded into that model in place: a weights read,
+    not a model load. The entry is then keyed by the new adapter."""
 
     def __init__(self, size: int = 2, roots: tuple[Path, ...] | None = None) -> None:
         self.size = size
         self.roots = roots
         self._models: OrderedDict[tuple[str, str], tuple] = OrderedDict()
+        self._adapter_configs: dict[tuple[str, str], dict] = {}
         self.lock = threading.Lock()
 
     def get(self, path: str, adapter: str | None) -> tuple:
@@ -93,11 +98,41 @@ class ModelCache:
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        model, tokenizer = load_model(path, adapter_path=adapter or None, roots=self.roots)
-        self._models[key] = (model, tokenizer)
+        config = _adapter_config(adapter) if adapter else None
+        loaded = self._swap(path, adapter, config) if adapter and config else None
+        if loaded is None:
+            loaded = load_model(path, adapter_path=adapter or None, roots=self.roots)
+        self._models[key] = loaded
+        if config:
+            self._adapter_configs[key] = config
         while len(self._models) > self.size:
-            self._models.popitem(last=False)
+            old, _ = self._models.popitem(last=False)
+            self._adapter_configs.pop(old, None)
+        return loaded
+
+    def _swap(self, path: str, adapter: str, config: dict) -> tuple | None:
+        same = [k for k in self._models if k[0] == path and self._adapter_configs.get(k) == config]
+        if not same:
+            return None
+        confine_local(path, adapter, self.roots, "model")
+        model, tokenizer = self._models.pop(same[-1])
+        self._adapter_configs.pop(same[-1], None)
+        dtypes = {k: v.dtype for k, v in tree_flatten(model.parameters())}
+        weights = mx.load(str(Path(adapter) / "adapters.safetensors"))
+        try:
+            model.load_weights([(k, v.astype(dtypes.get(k, v.dtype))) for k, v in weights.items()],
+                               strict=False)  # fmt: skip
+        except ValueError as exc:
+            raise InvalidArgument.one("model.adapter_path", f"cannot load adapters: {exc}") from exc
+        mx.eval(model.parameters())
         return model, tokenizer
+
+
+def _adapter_config(adapter: str) -> dict | None:
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _check_chars(n_chars: int, max_prompt_tokens: int, field: str) -> None:
@@ -247,3 +282,62 @@ def score(
             tok = mx.take_along_axis(logp, tgt[..., None], axis=-1)[0, :, 0]
             out.append(tok[len(p) - 1 :].tolist())
     return out
+
+
+@dataclass
+class Sampled:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+def sample_tokens(
+    cache: ModelCache,
+    path: str,
+    adapter: str | None,
+    prompts: list[list[int]],
+    n: int,
+    sampling: Sampling,
+    seed: int | None,
+    *,
+    should_stop: StopCheck = _never,
+) -> list[Sampled]:
+    """``n`` completions per prompt (prompt-major) with the rollout sampler: the prompts
+    repeated ``n`` times each, one batch, one key (``mx.random.key(seed)``)."""
+    if sampling.repetition_penalty not in (0.0, 1.0):
+        raise InvalidArgument.one(
+            "sampling.repetition_penalty", "is not supported: it would bias the log-probs"
+        )
+    key = sampler.key_from_seed(seed) if seed is not None else mx.random.key(time_seed())
+    with cache.lock:
+        if reason := should_stop():
+            raise Stopped(reason)
+        model, tokenizer = cache.get(path, adapter)
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+        for i, p in enumerate(prompts):
+            if vocab is not None and any(t < 0 or t >= vocab for t in p):
+                raise InvalidArgument.one(
+                    f"prompts[{i}].token_ids", f"has a token id outside [0, {vocab})"
+                )
+        rows = [p for p in prompts for _ in range(n)]
+        eos = sampler.eos_ids(tokenizer)
+        out = sampler.generate(
+            model,
+            rows,
+            sampling,
+            key,
+            eos_ids=eos,
+            pad_id=sampler.pad_id(tokenizer),
+            tokenizer=tokenizer,
+            should_stop=should_stop,
+        )
+    return [
+        Sampled(c, lp, "stop" if done else "length")
+        for c, lp, done in zip(out.completion_ids, out.logprobs, out.finished, strict=True)
+    ]
+
+
+def time_seed() -> int:
+    import secrets
+
+    return secrets.randbits(63)

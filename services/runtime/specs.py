@@ -81,11 +81,17 @@ TEXT_FIELDS = frozenset(
         _P + "PromptCompletion.completion",
     }
 )
+# Token-id lists: bounded by their own limit (and the request size), counted as one value,
+# so a rollout batch of prompts is not cut by MAX_NODES.
+TOKEN_ID_FIELDS = frozenset({_P + "TokenSequence.token_ids"})
 # Repeated fields with their own bound: a number, or the name of a Limits attribute.
 REPEATED_LIMITS: dict[str, int | str] = {
     _P + "ChatConversation.messages": "generate_max_messages",
     _P + "ScoreCompletionsRequest.items": "score_max_items",
     _P + "ScoreRequest.items": "score_max_items",
+    _P + "SampleTokensRequest.prompts": "score_max_items",
+    _P + "TopLogprobsRequest.sequences": "score_max_items",
+    _P + "TokenSequence.token_ids": "generate_max_prompt_tokens",
     _P + "SamplingParams.stop": 16,
     _P + "PipelineSpec.stages": 32,
     _P + "DistillationSpec.teachers": 16,
@@ -118,6 +124,9 @@ class _Walk:
                     limit = int(getattr(self.limits, limit))
                 if len(value) > limit:
                     self.add(name, f"has {len(value)} entries; at most {limit}")
+                    continue
+                if fd.full_name in TOKEN_ID_FIELDS:  # bounded above; ints need no check
+                    self.nodes += 1
                     continue
                 for i, item in enumerate(value):
                     self.value(fd, item, f"{name}[{i}]", depth)

@@ -92,6 +92,8 @@ class RolloutSettings(DictConfig):
     sampling: RolloutSampling = dataclasses.field(default_factory=RolloutSampling)
     endpoint: str = setting("", doc='shorthand for remote {kind: "grpc", address: …}')
     remote: RemoteSettings = sub(RemoteSettings)
+    sync_every: int = setting(1, zero=True, ge=1, le=100000, doc="remote: steps per policy version")
+    max_staleness: int = setting(0, ge=0, le=100000, doc="remote: most steps a rollout may lag")
 
     @property
     def backend(self) -> RemoteSettings:
@@ -107,10 +109,10 @@ class RolloutSettings(DictConfig):
         if self.endpoint:
             self.backend.check(v, field_path(prefix, "endpoint"))
         v.check(
-            not self.backend.enabled,
-            field_path(prefix, "remote"),
-            "remote rollouts are not supported by the trainers yet; leave it empty for "
-            "local batched generation",
+            self.max_staleness >= self.sync_every - 1,
+            field_path(prefix, "max_staleness"),
+            f"must be at least sync_every - 1 ({self.sync_every - 1}): a policy version "
+            "serves that many steps after the one it was written at",
         )
 
 
@@ -167,6 +169,11 @@ class _Rollouts(_Trained):
         v.check(bool(self.policy.model), f"{p}policy.model", "is required")
         self.reward.check(v, f"{p}reward")
         check_prompt_format(v, self.dataset, p)
+        v.check(
+            not self.rollout.backend.enabled or self.resources.num_processes <= 1,
+            f"{p}rollout.remote",
+            "remote rollouts run with one training process (resources.num_processes 1)",
+        )
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,14 @@ class Fuzzer:
             return rng.random() < 0.5
         if t == F.TYPE_STRING:
             return self.string(fd, rng)
+        v = self.integer(t, rng)
+        if t in (F.TYPE_UINT64, F.TYPE_FIXED64):  # unsigned: the same values, wrapped
+            return v % 2**64
+        if t in (F.TYPE_UINT32, F.TYPE_FIXED32):
+            return v % 2**32
+        return v
+
+    def integer(self, t: int, rng: random.Random) -> int:
         lo, hi = INT64 if t in (F.TYPE_INT64, F.TYPE_SINT64, F.TYPE_SFIXED64) else INT32
         r = rng.random()
         if r < 0.5:

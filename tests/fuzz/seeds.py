@@ -103,6 +103,16 @@ def for_method(name: str, p: Pools) -> list[Message]:
             )
         ],
         "GenerationService.DescribeModel": [gpb.DescribeModelRequest(model=model)],
+        "GenerationService.SampleTokens": [
+            gpb.SampleTokensRequest(
+                model=model,
+                prompts=[gpb.TokenSequence(token_ids=[1, 2, 3])],
+                n=2,
+                sampling=gpb.SamplingParams(max_tokens=2),
+                seed=5,
+                policy_version=1,
+            )
+        ],
         "RLHFService.StartRewardModel": [
             rpb.StartRewardModelRequest(
                 spec=rpb.RewardModelSpec(model=model, dataset=prefs, loop=_loop())

@@ -147,6 +147,10 @@ def _scalar_uncached(
         return _strings(fd, pools)
     if t in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64):
         return _ints(*INT64)
+    if t in (FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64):
+        return _ints(*INT64).map(lambda v: v % 2**64)
+    if t in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32):
+        return _ints(*INT32).map(lambda v: v % 2**32)
     return _ints(*INT32)
 
 

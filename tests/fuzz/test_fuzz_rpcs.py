@@ -298,7 +298,7 @@ def test_fuzz_rpc(stack: Stack, channels, server: str, svc: str, method) -> None
 def test_every_rpc_is_fuzzed() -> None:
     """A new service or RPC joins the fuzz suite by being in SERVICES."""
     names = {f"{s}.{m.name}" for _, s, m in RPCS}
-    assert len(names) == 36, sorted(names)
+    assert len(names) == 37, sorted(names)  # 37: + TopLogprobs, DescribeModel, SampleTokens
     assert {"OrchestratorService.CreatePipelineFromTemplate", "RLHFService.StartKTO"} <= names
     pools = Pools(named=defaultdict(str), ids=["job-x"])
     unseeded = {n for n in names if not seeds.for_method(n, pools)}

@@ -206,9 +206,14 @@ def test_validation_of_fields(tmp_path, tiny_model, prefs, prompts):
     with pytest.raises(InvalidArgument) as e:
         validate.check(
             "ppo",
-            {**ppo, "reward": {"reward_function": "length"}, "rollout": {"endpoint": "h:1"}},
+            {
+                **ppo,
+                "reward": {"reward_function": "length"},
+                "rollout": {"endpoint": "h:1", "sync_every": 4, "max_staleness": 2},
+                "resources": {"num_processes": 2},
+            },
         )
-    assert "spec.rollout.remote" in _fields(e)
+    assert {"spec.rollout.max_staleness", "spec.rollout.remote"} <= set(_fields(e))
     validate.check("ppo", {**ppo, "reward": {"reward_function": "token_count:!"}})
     with pytest.raises(InvalidArgument):
         validate.check_score({"model": str(tiny_model)})

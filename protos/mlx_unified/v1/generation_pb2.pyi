@@ -174,3 +174,37 @@ class DescribeModelResponse(_message.Message):
     num_layers: int
     hidden_size: int
     def __init__(self, tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ...) -> None: ...
+
+class SampleTokensRequest(_message.Message):
+    __slots__ = ("model", "prompts", "n", "sampling", "seed", "policy_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.ModelRef
+    prompts: _containers.RepeatedCompositeFieldContainer[TokenSequence]
+    n: int
+    sampling: SamplingParams
+    seed: int
+    policy_version: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., prompts: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., n: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., policy_version: _Optional[int] = ...) -> None: ...
+
+class SampleTokensResponse(_message.Message):
+    __slots__ = ("completions", "policy_version")
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    completions: _containers.RepeatedCompositeFieldContainer[TokenCompletion]
+    policy_version: int
+    def __init__(self, completions: _Optional[_Iterable[_Union[TokenCompletion, _Mapping]]] = ..., policy_version: _Optional[int] = ...) -> None: ...
+
+class TokenCompletion(_message.Message):
+    __slots__ = ("token_ids", "logprobs", "finish_reason")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    finish_reason: FinishReason
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...

@@ -58,6 +58,11 @@ class GenerationServiceStub:
                 request_serializer=mlx__unified_dot_v1_dot_generation__pb2.DescribeModelRequest.SerializeToString,
                 response_deserializer=mlx__unified_dot_v1_dot_generation__pb2.DescribeModelResponse.FromString,
                 _registered_method=True)
+        self.SampleTokens = channel.unary_unary(
+                '/mlx_unified.v1.GenerationService/SampleTokens',
+                request_serializer=mlx__unified_dot_v1_dot_generation__pb2.SampleTokensRequest.SerializeToString,
+                response_deserializer=mlx__unified_dot_v1_dot_generation__pb2.SampleTokensResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -108,6 +113,19 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SampleTokens(self, request, context):
+        """Batched token-level sampling for RL rollouts (PPO / GRPO): `n` completions for each
+        of many prompts given as token ids, with each token's log-probability, from a model
+        (or policy checkpoint) named by reference. Same seed, model and prompts give the same
+        tokens as the trainer's own batched sampler. Errors: INVALID_ARGUMENT (no prompts, an
+        empty prompt, a token id outside the vocabulary, n out of range, more than
+        `MLXU_GENERATE_MAX_PROMPT_TOKENS` tokens in a prompt or prompts x n over
+        `MLXU_SCORE_MAX_ITEMS`); otherwise as Generate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +148,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.DescribeModel,
                     request_deserializer=mlx__unified_dot_v1_dot_generation__pb2.DescribeModelRequest.FromString,
                     response_serializer=mlx__unified_dot_v1_dot_generation__pb2.DescribeModelResponse.SerializeToString,
+            ),
+            'SampleTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.SampleTokens,
+                    request_deserializer=mlx__unified_dot_v1_dot_generation__pb2.SampleTokensRequest.FromString,
+                    response_serializer=mlx__unified_dot_v1_dot_generation__pb2.SampleTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -244,6 +267,33 @@ class GenerationService:
             '/mlx_unified.v1.GenerationService/DescribeModel',
             mlx__unified_dot_v1_dot_generation__pb2.DescribeModelRequest.SerializeToString,
             mlx__unified_dot_v1_dot_generation__pb2.DescribeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SampleTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlx_unified.v1.GenerationService/SampleTokens',
+            mlx__unified_dot_v1_dot_generation__pb2.SampleTokensRequest.SerializeToString,
+            mlx__unified_dot_v1_dot_generation__pb2.SampleTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -172,16 +172,20 @@ class RewardSource(_message.Message):
     def __init__(self, reward_model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., reward_function: _Optional[str] = ...) -> None: ...
 
 class RolloutConfig(_message.Message):
-    __slots__ = ("batch_size", "sampling", "endpoint", "remote")
+    __slots__ = ("batch_size", "sampling", "endpoint", "remote", "sync_every", "max_staleness")
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     REMOTE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_EVERY_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     sampling: _generation_pb2.SamplingParams
     endpoint: str
     remote: _common_pb2.RemoteBackend
-    def __init__(self, batch_size: _Optional[int] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., endpoint: _Optional[str] = ..., remote: _Optional[_Union[_common_pb2.RemoteBackend, _Mapping]] = ...) -> None: ...
+    sync_every: int
+    max_staleness: int
+    def __init__(self, batch_size: _Optional[int] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., endpoint: _Optional[str] = ..., remote: _Optional[_Union[_common_pb2.RemoteBackend, _Mapping]] = ..., sync_every: _Optional[int] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class PPOSpec(_message.Message):
     __slots__ = ("policy", "reference", "dataset", "reward", "method", "lora", "optimizer", "loop", "resources", "rollout", "ppo_epochs", "minibatch_size", "gamma", "lam", "clip_range", "clip_range_value", "vf_coef", "init_kl_coef", "adaptive_kl", "kl_target", "kl_horizon", "whiten_advantages", "output_name", "labels")

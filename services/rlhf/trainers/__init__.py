@@ -19,6 +19,10 @@ from typing import Any
 from services import registry
 from services.runtime import checkpoints
 from services.runtime.contract import CheckpointInfo, Report
+
+# The tokenizer helpers live with the sampler; trainers import them from here.
+from services.runtime.sampler import eos_ids as eos_ids
+from services.runtime.sampler import pad_id as pad_id
 from services.runtime.steps import Artifact, StepOutput, run_steps
 
 TRAINERS = {m.name: m.trainer for m in registry.of_service("rlhf")}
@@ -84,20 +88,6 @@ def load_reference(ref, policy_ref, dtype: str, field: str = "spec.reference"):
     model.freeze()
     model.eval()
     return model, {"model": use.model, "adapter_path": use.adapter_path}
-
-
-def pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return int(pad)
-
-
-def eos_ids(tokenizer: Any) -> frozenset[int]:
-    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)
 
 
 def write_policy(dst: Path, policy: Policy, head_kind: str | None = None) -> None:

@@ -71,8 +71,10 @@ from services.rlhf.trainers.rollout import (
     record,
     recorder,
     reference_logps,
+    rollout_metrics,
     sample,
 )
+from services.rlhf.trainers.rollout_backends import make_backend
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.optim import (
     build_optimizer,
@@ -130,12 +132,13 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
     minibatch = loop.batch_size // world.size()  # this rank's share
     hook = recorder(ctx)
+    backend = make_backend(cfg.rollout, policy, ctx.output_dir)
 
     def record_start() -> None:  # after any restore: the weights the first update starts from
         record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
 
     def iteration(step: int, prompt_batch: dict) -> tuple[dict[str, float], int]:
-        got = sample(policy, cfg.rollout, extra.rng, prompt_batch, group=G, world=world)
+        got = sample(policy, cfg.rollout, extra.rng, prompt_batch, G, world, backend, step)
         batch, ids = got.batch, got.ids
         tic = time.perf_counter()
         rewards = np.asarray(score(got.prompts, ids, got.texts), np.float32)
@@ -185,6 +188,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         )  # fmt: skip
         t_update = time.perf_counter() - tic
         metrics = {k: v / n for k, v in sums.items()}
+        metrics.update(rollout_metrics(got, step, old_logps))
         metrics.update(
             entropy=ent.item(),
             completion_length=batch["mask"].sum(axis=1).mean().item(),
@@ -205,7 +209,10 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         return metrics, int(round(metrics.pop("tokens")))
 
     strategy = RolloutStrategy(iteration, prompts, extra, on_start=record_start)
-    return train_rollouts(strategy, ctx, policy, optimizer, cfg, total, resolved, None)
+    try:
+        return train_rollouts(strategy, ctx, policy, optimizer, cfg, total, resolved, None)
+    finally:
+        backend.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""PPO for language models (Ziegler et al. 2019; the InstructGPT recipe), rollouts local.
+"""PPO for language models (Ziegler et al. 2019; the InstructGPT recipe).
 
 ``run(config, ctx)`` takes a resolved PPOSpec dict (see docs/rlhf.md for every field)::
 
@@ -15,7 +15,9 @@ on the LM). The update is TRL's classic PPOTrainer (v0.11: ``compute_rewards``,
 ``compute_advantages``, ``loss``, ``AdaptiveKLController``; its scheduler steps once per PPO
 iteration, not per minibatch); bench/parity_rl.py checks it step by step. Checkpoints
 hold the policy, its value head and the trainer state (optimizer, step, KL controller,
-rollout RNG, prompt position), so a resumed job continues exactly.
+rollout RNG, prompt position), so a resumed job continues exactly. Rollouts come from a
+backend (rollout_backends: local by default, or a remote server given the policy by
+checkpoint reference); the ratio always uses the log-probs this model recomputes.
 
 Data parallel (``resources.num_processes`` > 1): ``rollout.batch_size`` and
 ``minibatch_size`` are global; each rank samples, scores and trains on its share of the
@@ -82,8 +84,10 @@ from services.rlhf.trainers.rollout import (
     record,
     recorder,
     reference_logps,
+    rollout_metrics,
     sample,
 )
+from services.rlhf.trainers.rollout_backends import make_backend
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.optim import (
     OptimizerSettings,
@@ -208,12 +212,13 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
     update, _ = make_update(model, make_loss(cfg), optimizer, clip, world)
     minibatch = cfg.minibatch_size // world.size()  # this rank's share
     hook = recorder(ctx)
+    backend = make_backend(cfg.rollout, policy, ctx.output_dir)
 
     def record_start() -> None:  # after any restore: the weights the first update starts from
         record(hook, event="start", params=dict(tree_flatten(model.trainable_parameters())))
 
     def iteration(step: int, prompt_batch: dict) -> tuple[dict[str, float], int]:
-        got = sample(policy, cfg.rollout, extra.rng, prompt_batch, world=world)
+        got = sample(policy, cfg.rollout, extra.rng, prompt_batch, 1, world, backend, step)
         batch, ids, t_gen = got.batch, got.ids, got.seconds
         tic = time.perf_counter()
         scores = mx.array(score(got.prompts, ids, got.texts), mx.float32)
@@ -259,6 +264,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         )  # fmt: skip
         t_update = time.perf_counter() - tic
         metrics = {k: v / n for k, v in sums.items()}
+        metrics.update(rollout_metrics(got, step, old_logps))
         metrics.update(
             kl=seq_kl.item(),
             entropy=ent.item(),
@@ -282,7 +288,10 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         return metrics, int(round(metrics.pop("tokens")))
 
     strategy = RolloutStrategy(iteration, prompts, extra, on_start=record_start)
-    return train_rollouts(strategy, ctx, policy, optimizer, cfg, total, resolved, "value")
+    try:
+        return train_rollouts(strategy, ctx, policy, optimizer, cfg, total, resolved, "value")
+    finally:
+        backend.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,9 @@
-"""Batched local sampling for PPO / GRPO rollouts: token ids and log-probs, reproducibly.
+"""PPO / GRPO rollouts: the sampling key, prompt batches, and training rows from samples.
 
-Prompts of different lengths are left-padded into mlx-lm's batch KV caches (the same
-caches its ``batch_generate`` uses), so one forward per new token serves the whole batch.
-Sampling draws from an explicit ``mx.random`` key rather than the global RNG: the key is
-the whole RNG state, is saved in every checkpoint, and a resumed run samples exactly the
-completions an uninterrupted one would have.
+The batched sampler itself is services.runtime.sampler (the GenerationService's
+SampleTokens runs the same code). Sampling draws from an explicit ``mx.random`` key: the
+key is the whole RNG state, is saved in every checkpoint, and a resumed run samples
+exactly the completions an uninterrupted one would have.
 
 Also what turns a prompt batch into training rows (``sample``: generate, decode, ``pack``),
 the prompt stream itself (``prompt_data``) and the reference model's log-probs.
@@ -20,25 +19,17 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import _merge_caches
-from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from services.rlhf.trainers import Policy, eos_ids, pad_id
 from services.rlhf.trainers.data_parallel import rank_key
 from services.rlhf.trainers.losses import token_logps
+from services.rlhf.trainers.rollout_backends import LocalBackend, RolloutBackend, staleness_error
 from services.runtime import datasets
-from services.schema.rollouts import RolloutSampling, RolloutSettings
-
-
-@dataclass
-class Rollout:
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    # log p(token) under the (temperature-scaled, untruncated) sampling distribution.
-    logprobs: list[list[float]]
-    # True when the completion ended with an end-of-sequence token or a stop string.
-    finished: list[bool]
+from services.runtime.errors import FailedPrecondition
+from services.runtime.sampler import Rollout
+from services.runtime.sampler import generate as generate  # re-exported
+from services.schema.rollouts import RolloutSampling as RolloutSampling  # re-exported
+from services.schema.rollouts import RolloutSettings
 
 
 class RolloutRNG:
@@ -56,103 +47,6 @@ class RolloutRNG:
 
     def restore(self, state: dict) -> None:
         self.key = mx.array(state["key"], dtype=mx.uint32)
-
-
-def _sample(logits: mx.array, s: RolloutSampling, key: mx.array) -> tuple[mx.array, mx.array]:
-    logits = logits.astype(mx.float32)
-    if s.temperature <= 0:
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        tok = mx.argmax(logp, axis=-1)
-    else:
-        scaled = logits / s.temperature
-        logp = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-        filtered = logp
-        if 0 < s.top_k < logp.shape[-1]:
-            filtered = apply_top_k(filtered, s.top_k)
-        if 0 < s.top_p < 1:
-            filtered = apply_top_p(filtered, s.top_p)
-        tok = mx.random.categorical(filtered, key=key)
-    return tok, mx.take_along_axis(logp, tok[:, None], axis=-1).squeeze(-1)
-
-
-def generate(
-    model: nn.Module,
-    prompts: list[list[int]],
-    sampling: RolloutSampling,
-    key: mx.array,
-    *,
-    eos_ids: set[int] | frozenset[int],
-    pad_id: int = 0,
-    tokenizer=None,
-) -> Rollout:
-    """Sample one completion per prompt (repeat a prompt in ``prompts`` for a group).
-
-    The completion ends after the first end-of-sequence token (kept: learning to stop is
-    part of the policy) or at ``max_tokens``; with ``sampling.stop`` and a tokenizer it is
-    cut before the first stop string.
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every rollout prompt needs at least one token")
-    was_training = model.training
-    model.eval()
-    try:
-        ids, lps, done = _decode(model, prompts, sampling, key, eos_ids, pad_id)
-    finally:
-        model.train(was_training)
-    completions, logprobs, finished = [], [], []
-    for r in range(len(prompts)):
-        toks, lp = ids[r], lps[r]
-        stop_at = next((i for i, t in enumerate(toks) if t in eos_ids), None)
-        if stop_at is not None:
-            toks, lp = toks[: stop_at + 1], lp[: stop_at + 1]
-        hit = stop_at is not None
-        if sampling.stop and tokenizer is not None:
-            cut = _stop_cut(tokenizer, toks, sampling.stop)
-            if cut is not None:
-                toks, lp, hit = toks[:cut], lp[:cut], True
-        completions.append(toks)
-        logprobs.append(lp)
-        finished.append(hit)
-    return Rollout([list(p) for p in prompts], completions, logprobs, finished)
-
-
-def _decode(model, prompts, sampling, key, eos_ids, pad_id):
-    B = len(prompts)
-    width = max(len(p) for p in prompts)
-    pads = [width - len(p) for p in prompts]
-    batch = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts, strict=True)])
-    cache = _merge_caches([make_prompt_cache(model) for _ in range(B)])
-    for c in cache:
-        c.prepare(left_padding=pads)
-    logits = model(batch, cache=cache)[:, -1, :]
-    eos = mx.array(sorted(eos_ids) or [-1])
-    toks, lps = [], []
-    done = mx.zeros((B,), dtype=mx.bool_)
-    for _ in range(sampling.max_tokens):
-        key, sub = mx.random.split(key)
-        tok, lp = _sample(logits, sampling, sub)
-        done = done | (tok[:, None] == eos[None, :]).any(axis=1)
-        mx.eval(tok, lp, done)
-        toks.append(tok)
-        lps.append(lp)
-        if done.all().item():
-            break
-        logits = model(tok[:, None], cache=cache)[:, -1, :]
-    ids = mx.stack(toks, axis=1).tolist()
-    logprobs = mx.stack(lps, axis=1).tolist()
-    return ids, logprobs, done.tolist()
-
-
-def _stop_cut(tokenizer, toks: list[int], stops: tuple[str, ...]) -> int | None:
-    """Smallest token count whose decoded text contains a stop string; that token and the
-    rest are dropped (the stop string's tokens included)."""
-    text = tokenizer.decode(toks)
-    if not any(s in text for s in stops):
-        return None
-    for n in range(1, len(toks) + 1):
-        if any(s in tokenizer.decode(toks[:n]) for s in stops):
-            return n - 1
-    return None
 
 
 # -- from rollouts to training arrays ----------------------------------------------------------
@@ -224,6 +118,14 @@ class Sampled:
     prompts: list[Any]  # the raw prompt of each row (repeated per group)
     seconds: float
     rollout: Rollout | None = None  # the token ids as sampled (completions keep their EOS)
+    version: int = 0  # the policy version (step) that sampled them
+
+
+class StaleRollouts(FailedPrecondition):
+    """The backend kept answering with a policy version older than the staleness bound."""
+
+
+RESAMPLE_TRIES = 3
 
 
 def sample(
@@ -233,25 +135,46 @@ def sample(
     prompt_batch: dict,
     group: int = 1,
     world=None,
+    backend: RolloutBackend | None = None,
+    step: int = 0,
 ) -> Sampled:
-    """Generate ``group`` completions per prompt of a PromptBatches batch (this rank's)."""
+    """Sample ``group`` completions per prompt of a PromptBatches batch (this rank's) with
+    ``backend`` (default: local). Rollouts more than ``rollout.max_staleness`` steps behind
+    ``step`` are re-sampled (same key), then refused."""
     tic = time.perf_counter()
-    tokens = [p for p in prompt_batch["tokens"] for _ in range(group)]
+    prompts = [list(p) for p in prompt_batch["tokens"]]
     raw = [p for p in prompt_batch["prompts"] for _ in range(group)]
+    key = rank_key(rng.next(), world or mx.distributed.init())
+    backend = backend or LocalBackend(policy, rollout.sampling)
+    for _ in range(RESAMPLE_TRIES):
+        got = backend.sample(prompts, group, key, step)
+        if step - got.version <= rollout.max_staleness:
+            break
+    else:
+        raise StaleRollouts(staleness_error(step, got.version, rollout.max_staleness))
+    tokens = [p for p in prompts for _ in range(group)]
+    out = Rollout(tokens, got.completion_ids, got.logprobs, got.finished)
     eos = eos_ids(policy.tokenizer)
-    out = generate(
-        policy.model,
-        tokens,
-        rollout.sampling,
-        rank_key(rng.next(), world or mx.distributed.init()),
-        eos_ids=eos,
-        pad_id=pad_id(policy.tokenizer),
-        tokenizer=policy.tokenizer,
-    )
     ids = [strip_eos(c, eos) for c in out.completion_ids]
     texts = [policy.tokenizer.decode(c) for c in ids]
     batch = pack(out.prompt_ids, out.completion_ids, pad_id(policy.tokenizer))
-    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic, out)
+    return Sampled(batch, ids, texts, raw, time.perf_counter() - tic, out, got.version)
+
+
+def rollout_metrics(got: Sampled, step: int, recomputed: mx.array) -> dict[str, float]:
+    """How far the backend's log-probs are from the policy's own (``recomputed [B, T]``,
+    which the update uses), and how many steps its policy version lags ``step``."""
+    rec = np.array(recomputed, np.float64)
+    gaps = []
+    for r, lp in enumerate(got.rollout.logprobs if got.rollout is not None else []):
+        d = np.abs(np.asarray(lp, np.float64) - rec[r, : len(lp)])
+        gaps.append(d[~np.isnan(d)])
+    gap = np.concatenate(gaps) if gaps else np.zeros(0)
+    return {
+        "rollout_logprob_gap": float(gap.mean()) if gap.size else 0.0,
+        "rollout_logprob_gap_max": float(gap.max()) if gap.size else 0.0,
+        "rollout_version_lag": float(step - got.version),
+    }
 
 
 def reference_logps(reference: nn.Module, batch: dict, temperature: float) -> mx.array:

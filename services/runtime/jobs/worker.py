@@ -340,7 +340,10 @@ def _run(spec: JobSpec, store: JobStore | None, stop: StopFlag, group: Any, metr
         log.info("job_interrupted", signal=stop.signum)
         return status(EXIT_INTERRUPTED, "interrupted")
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+        # A machine-readable reason (e.g. REMOTE_UNAVAILABLE) goes into the job's error too.
+        code = getattr(exc, "reason", "")
+        tag = f" ({code})" if isinstance(code, str) and code else ""
+        reason = f"{type(exc).__name__}{tag}: {exc}"
         lost = group is not None and is_peer_lost(exc)
         log.error("job_failed", reason=reason, peer_lost=lost, exc_info=True)
         if rec is not None and store is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -322,4 +323,52 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             tokenizer_json=(info.tokenizer_json or "") if request.include_tokenizer else "",
             num_layers=info.num_layers,
             hidden_size=info.hidden_size,
+        )
+
+    async def SampleTokens(
+        self, request: generation_pb2.SampleTokensRequest, context: aio.ServicerContext
+    ) -> generation_pb2.SampleTokensResponse:
+        if not request.prompts:
+            raise InvalidArgument.one("prompts", "must not be empty")
+        prompts = [list(p.token_ids) for p in request.prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise InvalidArgument.one(f"prompts[{i}].token_ids", "must not be empty")
+        n = request.n or 1
+        rows = self.limits.score_max_items
+        if not n >= 1 or len(prompts) * n > rows:
+            raise InvalidArgument.one(
+                "n", f"prompts x n is {len(prompts) * n}; at most {rows} (MLXU_SCORE_MAX_ITEMS)"
+            )
+        sampling = self._sampling(request.sampling)
+        if sampling.temperature == 0:  # rollouts sample: 0 is the default, 1.0
+            sampling = dataclasses.replace(sampling, temperature=1.0)
+        seed = request.seed if request.HasField("seed") else None
+        path, adapter = await self._model(request.model, "model.model")
+        call = CallBudget(context, float(self.limits.generate_max_seconds))
+        await self.admission.acquire()
+
+        def work() -> list[generation.Sampled]:
+            try:
+                return generation.sample_tokens(
+                    self.cache, path, adapter, prompts, n, sampling, seed,
+                    should_stop=call.should_stop,
+                )  # fmt: skip
+            finally:
+                self.admission.release()
+
+        try:
+            out = await asyncio.to_thread(work)
+        except generation.Stopped as exc:
+            raise call.stopped(exc) from None
+        return generation_pb2.SampleTokensResponse(
+            completions=[
+                generation_pb2.TokenCompletion(
+                    token_ids=c.token_ids,
+                    logprobs=c.logprobs,
+                    finish_reason=_FINISH[c.finish_reason],
+                )
+                for c in out
+            ],
+            policy_version=request.policy_version,
         )

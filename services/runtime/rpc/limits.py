@@ -31,7 +31,7 @@ START = frozenset(
         "CreatePipelineFromTemplate",
     }
 )
-GENERATE = frozenset({"Generate", "ScoreCompletions", "Score", "TopLogprobs"})
+GENERATE = frozenset({"Generate", "ScoreCompletions", "Score", "TopLogprobs", "SampleTokens"})
 MAX_CLIENTS = 10_000  # buckets kept (least recently used dropped): memory stays bounded
 
 
