@@ -230,7 +230,8 @@ def test_dashboard_creates_follows_and_cancels_runs(
     _wait(
         driver,
         lambda d: (
-            "dash-a" in d.execute_script(f'return document.querySelector("{row}")?.textContent')
+            "dash-a"
+            in (d.execute_script(f'return document.querySelector("{row}")?.textContent') or "")
         ),
     )
 
