@@ -181,17 +181,19 @@ def mlx_lm_server(tiny_model, home):  # noqa: ANN001, ANN201
     log.close()
 
 
-def test_grpo_against_a_real_mlx_lm_server(mlx_lm_server, tiny_model, prompts, tmp_path):  # noqa: ANN001
+@pytest.mark.parametrize("trainer", ["grpo", "ppo"])
+def test_rollouts_from_a_real_mlx_lm_server(trainer, mlx_lm_server, tiny_model, prompts, tmp_path):  # noqa: ANN001
     """Looser than grpc: mlx_lm.server samples with its own sampler (one request per
     completion, re-tokenised text prompts), so rollouts differ from local ones. What must
     hold: the job trains on the server's tokens, each version's adapter reaches the server
     by path (``adapters``), and its log-probs agree with the trainer's recomputed ones."""
     remote = {"kind": "openai", "address": mlx_lm_server}
-    cfg = _cfg(tiny_model, prompts, remote, group_size=2)
+    extra = {"group_size": 2} if trainer == "grpo" else {"minibatch_size": 2, "ppo_epochs": 2}
+    cfg = _cfg(tiny_model, prompts, remote, **extra)
     cfg["loop"] = {**cfg["loop"], "max_steps": 3}
     t = time.monotonic()
-    reports = _run("grpo", cfg, tmp_path / "openai")
-    print(f"grpo via mlx_lm.server: {time.monotonic() - t:.1f} s")
+    reports = _run(trainer, cfg, tmp_path / "openai")
+    print(f"{trainer} via mlx_lm.server: {time.monotonic() - t:.1f} s")
     assert [r.step for r in reports] == [1, 2, 3]
     for r in reports:
         m = r.metrics
