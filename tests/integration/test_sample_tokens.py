@@ -12,7 +12,7 @@ from mlx_unified.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 def _request(model, prompts, n=2, seed=7, **sampling) -> generation_pb2.SampleTokensRequest:  # noqa: ANN001
     return generation_pb2.SampleTokensRequest(
         model=common_pb2.ModelRef(model=str(model)),
-        prompts=[generation_pb2.TokenPrompt(token_ids=p) for p in prompts],
+        prompts=[generation_pb2.TokenSequence(token_ids=p) for p in prompts],
         n=n,
         sampling=generation_pb2.SamplingParams(
             max_tokens=sampling.pop("max_tokens", 6), **sampling
