@@ -12,6 +12,7 @@ so dequantizing is one ``mx.dequantize`` per tensor.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -136,24 +137,36 @@ def model_config(meta: dict[str, Any], tied: bool) -> dict[str, Any]:
 def convert_weights(
     tensors: dict[str, mx.array], cfg: dict[str, Any], dtype: mx.Dtype
 ) -> dict[str, mx.array]:
-    """Dequantize, rename to HF llama names and un-permute Q/K."""
+    """Dequantize, rename to HF llama names and un-permute Q/K (lazily: the caller evaluates).
+
+    On the CPU the tensors are split between two streams, which MLX runs on two threads:
+    dequantizing is a single-threaded kernel, and the whole conversion sits on the quick
+    start's path to its first step (SmolLM2 on two cores: 2.2 s on one stream)."""
+    cpu = mx.default_device() == mx.cpu
+    streams = [mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)] if cpu else [None]
+    load = [0] * len(streams)
     out: dict[str, mx.array] = {}
-    for name in tensors:
+    for name in sorted(tensors, key=lambda n: -tensors[n].size):
         if not name.endswith(".weight"):
             continue  # .scales/.biases are consumed by _dequantize
         target = hf_name(name)
         if target is None:
             continue
-        w = _dequantize(tensors, name).astype(mx.float32)
-        if target.endswith("q_proj.weight"):
-            w = unpermute(w, cfg["num_attention_heads"])
-        elif target.endswith("k_proj.weight"):
-            w = unpermute(w, cfg["num_key_value_heads"])
-        out[target] = w.astype(dtype)
+        k = load.index(min(load))
+        load[k] += tensors[name].size
+        with mx.stream(streams[k]) if cpu else contextlib.nullcontext():
+            # Dequantized weights are float16 already and un-permuting only moves elements:
+            # the cast goes straight to ``dtype`` (a float32 round trip cost 0.45 s of 2.6).
+            w = _dequantize(tensors, name)
+            if target.endswith("q_proj.weight"):
+                w = unpermute(w, cfg["num_attention_heads"])
+            elif target.endswith("k_proj.weight"):
+                w = unpermute(w, cfg["num_key_value_heads"])
+            out[target] = w.astype(dtype)
     expected = 3 + 9 * cfg["num_hidden_layers"] - (1 if cfg["tie_word_embeddings"] else 0)
     if len(out) != expected:
         raise ValueError(f"expected {expected} llama tensors in the GGUF file, found {len(out)}")
-    return out
+    return dict(sorted(out.items()))
 
 
 def _pre_tokenizer(kind: str) -> Any:
