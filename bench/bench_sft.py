@@ -50,8 +50,10 @@ MODEL_ALIASES = {"smollm2": "smollm2-135m-instruct"}
 CPU_DEFAULTS = {"tiny": (4, 256, 3, 20), "tiny256": (4, 256, 3, 15), "smollm2": (2, 128, 2, 4)}
 GPU_DEFAULTS = (8, 1024, 5, 30)
 # mlxu-logits: our trainer with the head-fused loss off (services.runtime.linear_ce).
+# mlxu-dense: the fused head at every position, not only at the counted targets
+# (services.runtime.data_batches.with_target_index).
 MLX_SIDES = ("mlxu", "mlx-lm")
-EXTRA_SIDES = ("mlxu-logits",)
+EXTRA_SIDES = ("mlxu-logits", "mlxu-dense")
 TORCH_SIDES = ("torch-eager", "torch-compile")
 COLUMNS = [
     ("model", "model"), ("method", "method"), ("data", "data"), ("side", "side"),
@@ -248,6 +250,10 @@ def child(job_file: Path) -> int:
             from services.runtime import linear_ce
 
             linear_ce.ENABLED = False
+        if job["side"] == "mlxu-dense":
+            from services.runtime import data_batches
+
+            data_batches.TARGET_INDEX = False
         runner = _run_mlx_lm if job["side"] == "mlx-lm" else _run_mlxu
         out.update(probe.result(runner(job, probe)))
         out["device"] = str(mx.default_device())

@@ -12,6 +12,8 @@ Layout of one batch (``L`` = bucket, ``b`` = ``batch_size // world_size``)::
     targets   int32   [b, L]   tokens[1:L+1] (inputs shifted by one)
     loss_mask float32 [b, L]   1 where targets[i, t] counts: a real token, not a masked prompt
     lengths   int32   [b]      real tokens per row (all of them fit in ``inputs``)
+    target_index, target_weight    [N] the counted positions, where they are at most 3/4 of
+                               b * L (SFT and preference batches; see with_target_index)
     ntokens        python int  sum(loss_mask) of this rank's slice
     global_ntokens python int  the same over the whole global batch (normalise by this for
                                a loss identical to the one-process run)
@@ -141,6 +143,34 @@ def _arrays(toks: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> dict[str
     }
 
 
+# The switch (benchmarks compare both: bench/bench_sft.py's side "mlxu-dense").
+TARGET_INDEX = True
+
+
+def with_target_index(batch: dict[str, Any]) -> dict[str, Any]:
+    """Adds ``target_index`` int32 [N] (the flat positions in [b * L] whose loss_mask counts,
+    N padded to a bucket, the padding pointing at position 0) and ``target_weight`` float32
+    [N] (the mask there, 0 for the padding) when they leave out at least a quarter of the
+    positions: the SFT and DPO losses then run the LM head on those rows only
+    (linear_ce.selected_nll). Chat rows with their prompts masked are the common case:
+    on the quick start's FAQ (SmolLM2-135M, LoRA, 4 x 64, CPU) a step fell from 2.19 s to
+    1.61 s and a validation forward from 1.18 s to 0.95 s."""
+    if not TARGET_INDEX:
+        return batch
+    mask = np.asarray(batch["loss_mask"]).reshape(-1)
+    counted = np.flatnonzero(mask)
+    n = bucket_for(max(len(counted), 1), mask.size)
+    if 4 * n > 3 * mask.size:
+        return batch
+    idx = np.zeros(n, np.int32)
+    idx[: len(counted)] = counted
+    weight = np.zeros(n, np.float32)
+    weight[: len(counted)] = mask[counted]
+    batch["target_index"] = mx.array(idx)
+    batch["target_weight"] = mx.array(weight)
+    return batch
+
+
 def _padded(
     every: list[Tokenized | None], mine: list[Tokenized | None], pad_id: int, max_seq_length: int
 ) -> dict[str, Any]:
@@ -196,7 +226,7 @@ class Batches(Resumable):
         every = [self.items[i] if i >= 0 else None for i in global_idx]
         batch = _padded(every, self._sched.local_slice(every), self.pad_id, msl)
         batch["global_ntokens"] = sum(_targets(t, msl) for t in every)
-        return batch
+        return with_target_index(batch)
 
 
 def _halves(pairs: list[PreferencePair | None]) -> list[Tokenized | None]:
@@ -253,7 +283,7 @@ class PreferenceBatches(Resumable):
         if self.has_margin:
             margins = [float(p.margin or 0.0) if p else 0.0 for p in mine]
             batch["margin"] = mx.array(np.asarray(margins, np.float32))
-        return batch
+        return with_target_index(batch)
 
 
 class UnpairedBatches(Resumable):

@@ -18,7 +18,14 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-__all__ = ["BLOCK_ELEMENTS", "ENABLED", "head_weight", "linear_cross_entropy", "token_nll"]
+__all__ = [
+    "BLOCK_ELEMENTS",
+    "ENABLED",
+    "head_weight",
+    "linear_cross_entropy",
+    "selected_nll",
+    "token_nll",
+]
 
 # Logit elements per block (tokens per block = this // vocab): 2^25 is 64 MB of bf16, 262
 # tokens of a 128k vocabulary. Measured on the CPU (SmolLM2-135M, LoRA, 4 x 512, fp32): the
@@ -101,3 +108,21 @@ def token_nll(model: nn.Module, inputs: mx.array, targets: mx.array, logits_ce) 
     if w is None:
         return logits_ce(model(inputs), targets)
     return linear_cross_entropy(model.model(inputs), w, targets)
+
+
+def selected_nll(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array] | None:
+    """-log p(target) at the batch's counted positions only: ``(nll [N], weight [N])``, both
+    float32, or None where the batch carries no ``target_index`` (services/runtime/
+    data_batches.py adds it when the loss mask leaves out a quarter or more of the positions)
+    or the head cannot be fused. The LM head then runs on those N rows of hidden states, not
+    on every position: chat SFT with its prompts masked, and DPO's answers, skip the head's
+    matmul and log-sum-exp where the loss would multiply them by zero. ``weight`` is the loss
+    mask at each position (0 for the bucket's padding); ``target_index // T`` is its row."""
+    idx = batch.get("target_index")
+    w = head_weight(model) if ENABLED and idx is not None else None
+    if w is None:
+        return None
+    h = model.model(batch["inputs"])
+    h = mx.take(h.reshape(-1, h.shape[-1]), idx, axis=0)
+    targets = mx.take(batch["targets"].reshape(-1), idx)
+    return linear_cross_entropy(h, w, targets), batch["target_weight"]

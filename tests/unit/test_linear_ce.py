@@ -65,3 +65,43 @@ def test_bf16_fused_head_is_close_and_quantized_heads_fall_back(tmp_path: Path) 
     nn.quantize(model, group_size=32, bits=4)
     assert linear_ce.head_weight(model) is None  # quantized embedding: the logits path
     assert linear_ce.token_nll(model, x, x, cross_entropy).shape == (2, 16)
+
+
+def test_the_head_at_the_counted_targets_only_takes_the_same_step(tmp_path: Path) -> None:
+    """SFT's loss and DPO's sequence log-probs with ``target_index`` (chat rows whose prompts
+    are masked) equal the dense ones, gradients included; dense batches carry no index."""
+    from services.rlhf.trainers.dpo import sequence_logps
+    from services.runtime.data_batches import with_target_index
+    from services.training.trainers import sft
+
+    path = build_tiny_model(tmp_path / "m", vocab_size=600)
+    model, _ = load_model(str(path), None, "float32", field="m")
+    mx.random.seed(1)
+    x = mx.random.randint(0, 600, (4, 32))
+    t = mx.random.randint(0, 600, (4, 32))
+    m = mx.zeros((4, 32))
+    for r, (a, b) in enumerate([(10, 20), (3, 31), (25, 32), (0, 0)]):  # row 3: empty
+        m[r, a:b] = 1.0
+    dense = {"inputs": x, "targets": t, "loss_mask": m}
+    sparse = with_target_index(dict(dense))
+    assert sparse["target_index"].shape == (64,)  # 45 of 128 positions count: bucket 64
+    assert with_target_index({**dense, "loss_mask": mx.ones((4, 32))}).keys() == dense.keys()
+
+    def grads(fn, batch):  # noqa: ANN001, ANN202
+        value, g = nn.value_and_grad(model, lambda mdl: fn(mdl, batch))(model)
+        mx.eval(value, g)
+        return value, dict(tree_flatten(g))
+
+    l0, g0 = grads(lambda mdl, b: sft.loss_fn(mdl, b)[0], dense)
+    l1, g1 = grads(lambda mdl, b: sft.loss_fn(mdl, b)[0], sparse)
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-6)
+    for k in g0:
+        assert mx.allclose(g0[k], g1[k], atol=1e-6, rtol=1e-5).item(), k
+    s0, n0 = sequence_logps(model, dense)
+    s1, n1 = sequence_logps(model, sparse)
+    assert mx.allclose(s0, s1, atol=1e-4, rtol=1e-6).item() and mx.array_equal(n0, n1).item()
+    assert s1[3].item() == 0.0
+    d0, dg0 = grads(lambda mdl, b: sequence_logps(mdl, b)[0].sum(), dense)
+    d1, dg1 = grads(lambda mdl, b: sequence_logps(mdl, b)[0].sum(), sparse)
+    for k in dg0:
+        assert mx.allclose(dg0[k], dg1[k], atol=1e-5, rtol=1e-5).item(), k
