@@ -223,6 +223,9 @@ def _run_chatbot(
 ) -> tuple[str, dict] | None:
     overrides = {
         "name": "demo-chatbot",
+        # The quick start trains every time: a second `make demo` would otherwise reuse the
+        # first one's stages (same inputs and config) and train nothing.
+        "cache": False,
         "stages": {"sft": {"sft": sft_stage(sft_steps)}, "dpo": {"dpo": dpo_stage(dpo_steps)}},
     }
     pipeline = client.create_pipeline_from_template(
