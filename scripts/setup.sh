@@ -23,4 +23,8 @@ if [[ "$(uname -s)" == "Linux" ]] && ! ls /usr/lib/*/openblas-pthread/libopenbla
   fi
 fi
 
-uv sync --frozen --quiet
+# --compile-bytecode: site-packages get their .pyc once, here (~25 s on 2 cores, then ~1 s a
+# call). Without it every process (each service, each job's worker, each test's subprocess)
+# recompiles mlx-lm, transformers and grpc from source wherever PYTHONDONTWRITEBYTECODE is set:
+# importing the SFT trainer took 4.0 s instead of 2.0 s.
+uv sync --frozen --compile-bytecode --quiet
