@@ -105,3 +105,17 @@ def test_the_head_at_the_counted_targets_only_takes_the_same_step(tmp_path: Path
     d1, dg1 = grads(lambda mdl, b: sequence_logps(mdl, b)[0].sum(), sparse)
     for k in dg0:
         assert mx.allclose(dg0[k], dg1[k], atol=1e-5, rtol=1e-5).item(), k
+
+
+def test_grpo_completion_logits_run_the_head_at_completion_positions_only(tmp_path: Path) -> None:
+    from services.rlhf.trainers.rollout import completion_logits, model_completion_logits
+
+    path = build_tiny_model(tmp_path / "m", vocab_size=600)
+    model, _ = load_model(str(path), None, "float32", field="m")
+    x = mx.random.randint(0, 600, (3, 24))
+    batch = {"inputs": x, "positions": mx.array([[9, 10, 11, 12], [4, 5, 6, 7], [19, 20, 21, 22]])}
+    for temp in (0.0, 0.7):
+        want = completion_logits(model(x), batch, temp)
+        got = model_completion_logits(model, batch, temp)
+        assert got.shape == want.shape == (3, 4, 600)
+        assert mx.allclose(got, want, atol=1e-5, rtol=1e-5).item()

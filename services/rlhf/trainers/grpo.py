@@ -66,7 +66,7 @@ from services.rlhf.trainers.ppo import (
 )
 from services.rlhf.trainers.rollout import (
     RolloutRNG,
-    completion_logits,
+    model_completion_logits,
     prompt_data,
     record,
     recorder,
@@ -87,7 +87,7 @@ def make_loss(cfg: GRPOConfig):
     temp = cfg.rollout.sampling.temperature
 
     def loss_fn(model: nn.Module, mb: dict[str, mx.array]):
-        lg = completion_logits(model(mb["inputs"]), mb, temp)
+        lg = model_completion_logits(model, mb, temp)
         logps = token_logps(lg, mb["tokens"])
         loss, stats = grpo_loss(
             logps,
@@ -145,7 +145,7 @@ def run(config: dict, ctx: JobContext) -> CheckpointInfo:
         t_reward = time.perf_counter() - tic
         tic = time.perf_counter()
         model.eval()
-        lg = completion_logits(model(batch["inputs"]), batch, temp)
+        lg = model_completion_logits(model, batch, temp)
         old_logps = mx.stop_gradient(token_logps(lg, batch["tokens"]))
         ent = masked_mean(entropy(lg), batch["mask"])
         model.train()

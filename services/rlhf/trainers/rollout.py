@@ -24,7 +24,7 @@ from services.rlhf.trainers import Policy, eos_ids, pad_id
 from services.rlhf.trainers.data_parallel import rank_key
 from services.rlhf.trainers.losses import token_logps
 from services.rlhf.trainers.rollout_backends import LocalBackend, RolloutBackend, staleness_error
-from services.runtime import datasets
+from services.runtime import datasets, linear_ce
 from services.runtime.errors import FailedPrecondition
 from services.runtime.sampler import Rollout
 from services.runtime.sampler import generate as generate  # re-exported
@@ -103,6 +103,19 @@ def completion_logits(logits: mx.array, batch: dict[str, mx.array], temperature:
     return lg / temperature if temperature > 0 else lg
 
 
+def model_completion_logits(model: nn.Module, batch: dict[str, mx.array], temperature: float):
+    """``completion_logits(model(inputs), batch, temperature)`` with the LM head run only at
+    the positions that predict completion tokens, where the head is a plain matrix
+    (services.runtime.linear_ce.head_weight): the prompt's positions never reach it."""
+    w = linear_ce.head_weight(model) if linear_ce.ENABLED else None
+    if w is None:
+        return completion_logits(model(batch["inputs"]), batch, temperature)
+    lg = (gather_positions(model.model(batch["inputs"]), batch["positions"]) @ w.T).astype(
+        mx.float32
+    )
+    return lg / temperature if temperature > 0 else lg
+
+
 def strip_eos(ids: list[int], eos_ids) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
@@ -178,7 +191,7 @@ def rollout_metrics(got: Sampled, step: int, recomputed: mx.array) -> dict[str, 
 
 
 def reference_logps(reference: nn.Module, batch: dict, temperature: float) -> mx.array:
-    logits = completion_logits(reference(batch["inputs"]), batch, temperature)
+    logits = model_completion_logits(reference, batch, temperature)
     return mx.stop_gradient(token_logps(logits, batch["tokens"]))
 
 
