@@ -23,7 +23,7 @@ __all__ = [
     "ENABLED",
     "head_weight",
     "linear_cross_entropy",
-    "selected_nll",
+    "masked_nll_rows",
     "token_nll",
 ]
 
@@ -110,19 +110,22 @@ def token_nll(model: nn.Module, inputs: mx.array, targets: mx.array, logits_ce) 
     return linear_cross_entropy(model.model(inputs), w, targets)
 
 
-def selected_nll(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array] | None:
-    """-log p(target) at the batch's counted positions only: ``(nll [N], weight [N])``, both
-    float32, or None where the batch carries no ``target_index`` (services/runtime/
-    data_batches.py adds it when the loss mask leaves out a quarter or more of the positions)
-    or the head cannot be fused. The LM head then runs on those N rows of hidden states, not
-    on every position: chat SFT with its prompts masked, and DPO's answers, skip the head's
-    matmul and log-sum-exp where the loss would multiply them by zero. ``weight`` is the loss
-    mask at each position (0 for the bucket's padding); ``target_index // T`` is its row."""
+def masked_nll_rows(model: nn.Module, batch: dict[str, mx.array], logits_ce) -> mx.array:  # noqa: ANN001
+    """Per row, -log p(target) summed over the positions ``loss_mask`` counts: ``[B]`` float32
+    (SFT's loss sums it; DPO's sequence log-probs are its negative).
+
+    Where the batch carries ``target_index`` / ``target_weight`` (services/runtime/
+    data_batches.py adds them when the mask leaves out a quarter or more of the positions) and
+    the head can be fused, the LM head runs on those rows of hidden states only: chat SFT with
+    its prompts masked, and DPO's answers, skip the head's matmul and log-sum-exp where the
+    mask would zero them. Otherwise ``token_nll`` at every position, then the mask."""
+    mask = batch["loss_mask"]
     idx = batch.get("target_index")
     w = head_weight(model) if ENABLED and idx is not None else None
     if w is None:
-        return None
+        return (token_nll(model, batch["inputs"], batch["targets"], logits_ce) * mask).sum(axis=1)
     h = model.model(batch["inputs"])
     h = mx.take(h.reshape(-1, h.shape[-1]), idx, axis=0)
-    targets = mx.take(batch["targets"].reshape(-1), idx)
-    return linear_cross_entropy(h, w, targets), batch["target_weight"]
+    nll = linear_cross_entropy(h, w, mx.take(batch["targets"].reshape(-1), idx))
+    rows = idx // mask.shape[1]
+    return mx.zeros(mask.shape[0]).at[rows].add(nll * batch["target_weight"])

@@ -42,7 +42,7 @@ from services.rlhf.trainers import (
     run_cli,
     write_policy,
 )
-from services.rlhf.trainers.losses import aux, dpo_loss, model_token_logps
+from services.rlhf.trainers.losses import aux, dpo_loss, token_logps
 from services.runtime import checkpoints, datasets, linear_ce
 from services.runtime.contract import CheckpointInfo, JobContext
 from services.runtime.errors import InvalidArgument
@@ -61,14 +61,8 @@ CACHE_FILE = "reference_logps.safetensors"
 
 def sequence_logps(model: nn.Module, batch: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
     """Summed log-probs of each row's answer tokens and their count, both ``[rows]``."""
-    mask = batch["loss_mask"]
-    selected = linear_ce.selected_nll(model, batch)  # the head at the answer tokens only
-    if selected is None:
-        lp = model_token_logps(model, batch["inputs"], batch["targets"])
-        return (lp * mask).sum(axis=1), mask.sum(axis=1)
-    nll, weight = selected
-    rows = batch["target_index"] // mask.shape[1]
-    return mx.zeros(mask.shape[0]).at[rows].add(-nll * weight), mask.sum(axis=1)
+    nll = linear_ce.masked_nll_rows(model, batch, lambda lg, t: -token_logps(lg, t))
+    return -nll, batch["loss_mask"].sum(axis=1)
 
 
 def _digest(tokens: np.ndarray) -> bytes:

@@ -99,7 +99,11 @@ def gather_positions(x: mx.array, positions: mx.array) -> mx.array:
 
 def completion_logits(logits: mx.array, batch: dict[str, mx.array], temperature: float):
     """The logits that predicted each completion token, scaled as they were sampled."""
-    lg = gather_positions(logits, batch["positions"]).astype(mx.float32)
+    return _tempered(gather_positions(logits, batch["positions"]), temperature)
+
+
+def _tempered(logits: mx.array, temperature: float) -> mx.array:
+    lg = logits.astype(mx.float32)
     return lg / temperature if temperature > 0 else lg
 
 
@@ -110,10 +114,9 @@ def model_completion_logits(model: nn.Module, batch: dict[str, mx.array], temper
     w = linear_ce.head_weight(model) if linear_ce.ENABLED else None
     if w is None:
         return completion_logits(model(batch["inputs"]), batch, temperature)
-    lg = (gather_positions(model.model(batch["inputs"]), batch["positions"]) @ w.T).astype(
-        mx.float32
+    return _tempered(
+        gather_positions(model.model(batch["inputs"]), batch["positions"]) @ w.T, temperature
     )
-    return lg / temperature if temperature > 0 else lg
 
 
 def strip_eos(ids: list[int], eos_ids) -> list[int]:

@@ -98,13 +98,7 @@ def loss_fn(model: nn.Module, batch: dict[str, mx.array]):
     """Masked next-token cross entropy (fp32), mean over the tokens that count."""
     mask = batch["loss_mask"]
     ntoks = mask.sum()
-    selected = linear_ce.selected_nll(model, batch)  # the head at the counted targets only
-    if selected is None:
-        ce = linear_ce.token_nll(model, batch["inputs"], batch["targets"], cross_entropy)
-        total = (ce * mask).sum()
-    else:
-        nll, weight = selected
-        total = (nll * weight).sum()
+    total = linear_ce.masked_nll_rows(model, batch, cross_entropy).sum()
     return total / mx.maximum(ntoks, 1.0), ntoks, {}
 
 
